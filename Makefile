@@ -1,0 +1,38 @@
+# One entry point for setup, tests, the demo and benchmarks. Everything installs from nothing into .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test lint demo bench bench-quick clean
+
+$(STAMP): pyproject.toml requirements/ci.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements/ci.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check infinitevl tests benchmarks
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check infinitevl tests benchmarks
+	$(PY) -m ruff format --check infinitevl tests benchmarks
+
+demo: $(STAMP)
+	$(VENV)/bin/infinitevl stream ../shared/media/mllm_demo/mllm_demo_data/1.mp4 $(DEMO_ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/infinitevl bench --out docs/benchmarks
+
+bench-quick: $(STAMP)
+	$(VENV)/bin/infinitevl bench --quick --out /tmp/infinitevl-bench-quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info

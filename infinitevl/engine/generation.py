@@ -1,0 +1,208 @@
+"""Prefill in chunks, one-token decode steps, sampling, and generation as a token iterator.
+
+Everything works on an `InfiniteVLState`, so the cost of a decode step does not depend on how many tokens came
+before it, and a prompt of any length is processed in chunks of bounded size with results equal to one full pass.
+Batches are left-padded. This module holds no model code: it only drives `InfiniteVLForConditionalGeneration`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ..state import InfiniteVLState
+
+DEFAULT_CHUNK = 2048
+
+
+@dataclass
+class SamplingParams:
+    """temperature 0 means greedy; top_k 0 and top_p 1 disable those filters."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def validate(self) -> SamplingParams:
+        problems = []
+        if self.max_new_tokens < 0:
+            problems.append(f"max_new_tokens must be >= 0 (got {self.max_new_tokens})")
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0 (got {self.temperature})")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0 (got {self.top_k})")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1] (got {self.top_p})")
+        if self.repetition_penalty <= 0:
+            problems.append(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+@torch.no_grad()
+def prefill(
+    model,
+    state: InfiniteVLState,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    pixel_values: torch.Tensor | None = None,
+    image_grid_thw: torch.Tensor | None = None,
+    pixel_values_videos: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
+    second_per_grid_ts=None,
+    image_embeds: torch.Tensor | None = None,
+    video_embeds: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    return_all_logits: bool = False,
+) -> torch.Tensor:
+    """Append [B, T] tokens (with their vision inputs) to the streams in `state`, `chunk_size` tokens at a time.
+
+    Vision features and RoPE positions are computed once for the whole input, so a vision block may straddle
+    chunks. Returns the logits of the last position [B, vocab] (or of every position [B, T, vocab])."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (got {chunk_size})")
+    input_ids = input_ids.to(model.device)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(model.device)
+    embeds = model.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, image_embeds,
+                         video_embeds)
+    positions, next_position = model.rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw,
+                                                second_per_grid_ts, start=state.next_position)
+    T = input_ids.shape[1]
+    logits = []
+    hidden = None
+    for s in range(0, T, chunk_size):
+        e = min(s + chunk_size, T)
+        mask = attention_mask[:, s:e] if attention_mask is not None else None
+        hidden, _ = model.language_model(embeds[:, s:e], positions[:, :, s:e], mask, state)
+        if return_all_logits:
+            logits.append(model.lm_head(hidden))
+    state.next_position.copy_(next_position)
+    if return_all_logits:
+        return torch.cat(logits, dim=1)
+    return model.lm_head(hidden[:, -1])
+
+
+@torch.no_grad()
+def decode_step(model, state: InfiniteVLState, token_ids: torch.Tensor) -> torch.Tensor:
+    """Feed one token per stream ([B]) and return the next-token logits [B, vocab]. Work and memory are the same
+    at any stream length."""
+    token_ids = token_ids.to(model.device).view(-1, 1)
+    B = token_ids.shape[0]
+    positions = state.next_position.view(1, B, 1).expand(3, B, 1)
+    hidden, _ = model.language_model(model.language_model.embed_tokens(token_ids), positions, None, state)
+    state.next_position += 1
+    return model.lm_head(hidden[:, -1])
+
+
+@dataclass
+class Sampler:
+    """Turns logits into the next token; keeps its own RNG so that a seed reproduces a run."""
+
+    params: SamplingParams
+    generator: torch.Generator | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.params.validate()
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    def __call__(self, logits: torch.Tensor, history: list[list[int]] | None = None) -> torch.Tensor:
+        """logits [B, V] -> token ids [B]; `history` (per row) feeds the repetition penalty."""
+        p = self.params
+        logits = logits.float().clone()
+        if p.repetition_penalty != 1.0 and history:
+            for b, seen in enumerate(history):
+                if seen:
+                    idx = torch.tensor(sorted(set(seen)), device=logits.device)
+                    vals = logits[b, idx]
+                    logits[b, idx] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if p.temperature == 0:
+            return logits.argmax(-1)
+        logits = logits / p.temperature
+        if p.top_k:
+            kth = logits.topk(min(p.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            probs = sorted_logits.softmax(-1)
+            # drop a token when the tokens ranked before it already cover top_p (the top one always stays)
+            drop = probs.cumsum(-1) - probs >= p.top_p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        probs = logits.softmax(-1).cpu()
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1).to(logits.device)
+
+
+def generate_tokens(
+    model,
+    state: InfiniteVLState,
+    first_logits: torch.Tensor,
+    params: SamplingParams,
+    decode_text=None,
+    prompt_ids: list[int] | None = None,
+) -> Iterator[int]:
+    """Yield new token ids one by one for a single stream (B = 1), starting from the prompt's last logits.
+
+    Stops at `max_new_tokens`, a stop token (not yielded) or a stop string (needs `decode_text(ids) -> str`; the
+    tokens completing it are not yielded). The state ends holding every yielded token except the last, which is
+    fed only if generation continues, so a caller can append more input right after."""
+    sampler = Sampler(params)
+    history = list(prompt_ids or [])
+    produced: list[int] = []
+    held: list[int] = []  # tokens that might be the start of a stop string
+    logits = first_logits
+    for step in range(params.max_new_tokens):
+        token = int(sampler(logits, [history])[0])
+        if token in params.stop_token_ids:
+            return
+        produced.append(token)
+        history.append(token)
+        if params.stop_strings and decode_text is not None:
+            held.append(token)
+            text = decode_text(produced)
+            if any(s in text for s in params.stop_strings):
+                return
+            if not any(_is_prefix_of_stop(text, s) for s in params.stop_strings):
+                yield from held
+                held.clear()
+        else:
+            yield token
+        if step + 1 < params.max_new_tokens:
+            logits = decode_step(model, state, torch.tensor([token]))
+    yield from held
+
+
+def _is_prefix_of_stop(text: str, stop: str) -> bool:
+    """Whether the end of `text` could be the beginning of `stop`."""
+    return any(text.endswith(stop[:i]) for i in range(1, len(stop)))
+
+
+@torch.no_grad()
+def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, attention_mask=None,
+                    chunk_size: int = DEFAULT_CHUNK, stop_token_ids=None, **vision) -> torch.Tensor:
+    """Greedy continuation of a batch of (left-padded) prompts: [B, max_new_tokens] (rows stop early at a stop
+    token and are then padded with it)."""
+    B = input_ids.shape[0]
+    state = model.new_state(B)
+    logits = prefill(model, state, input_ids, attention_mask, chunk_size=chunk_size, **vision)
+    stops = set(model.config.eos_token_ids if stop_token_ids is None else stop_token_ids)
+    out, done = [], torch.zeros(B, dtype=torch.bool)
+    for step in range(max_new_tokens):
+        token = logits.argmax(-1).cpu()
+        token = torch.where(done, out[-1] if out else token, token)
+        out.append(token)
+        done |= torch.tensor([int(t) in stops for t in token])
+        if bool(done.all()) or step + 1 == max_new_tokens:
+            break
+        logits = decode_step(model, state, token)
+    return torch.stack(out, dim=1) if out else input_ids.new_zeros(B, 0)

@@ -1,0 +1,112 @@
+"""The hybrid decoder: pre-norm residual blocks whose mixer is Gated DeltaNet or sliding-window attention.
+
+    h = x + mixer(input_layernorm(x));   y = h + mlp(post_attention_layernorm(h));   final `norm`
+
+The mixer attribute is `self_attn` in both kinds of layer, as in the checkpoints. One forward serves training, a
+full pass, chunked prefill and one-token decoding: the difference is only whether a state is passed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import LINEAR, TextConfig
+from ..ops.norm import rms_norm
+from ..state import InfiniteVLState
+from .gdn import GatedDeltaNet
+from .layout import TokenLayout
+from .rope import rope_cos_sin
+from .swa import SlidingWindowAttention
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        mixer = GatedDeltaNet if self.layer_type == LINEAR else SlidingWindowAttention
+        self.self_attn = mixer(config, layer_idx)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, layout, layer_state=None, past_tokens=None) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        if self.layer_type == LINEAR:
+            h = self.self_attn(h, layout, layer_state)
+        else:
+            h = self.self_attn(h, cos, sin, layout, layer_state, past_tokens)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class InfiniteVLTextModel(nn.Module):
+    """Token embeddings, the decoder layers and the final norm (`model.language_model.*` in memory)."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        state: InfiniteVLState | None = None,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """inputs_embeds [B, T, d], position_ids [3, B, T] -> (normed hidden [B, T, d], per-layer hiddens).
+
+        With `state`, the tokens continue that stream and the state is updated in place (its RoPE index and token
+        count are advanced by the caller, which knows the vision layout)."""
+        B, T, _ = inputs_embeds.shape
+        past = state.num_tokens if state is not None else None
+        layout = TokenLayout.build(attention_mask, B, T, inputs_embeds.device, past)
+        c = self.config
+        cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section, inputs_embeds.dtype)
+        x = inputs_embeds
+        hiddens = [x] if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            layer_state = state.layers[i] if state is not None else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, layout, layer_state, past, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, layout, layer_state, past)
+            if hiddens is not None and i < len(self.layers) - 1:
+                hiddens.append(x)
+        x = self.norm(x)
+        if hiddens is not None:
+            hiddens.append(x)  # as the official model: the last entry is after the final norm
+        if state is not None:
+            real = attention_mask.sum(-1) if attention_mask is not None else torch.full_like(state.num_tokens, T)
+            state.num_tokens += real.to(state.num_tokens)
+        return x, tuple(hiddens) if hiddens is not None else None

@@ -1,0 +1,52 @@
+"""The sliding-window softmax attention mixer (9 of 36 layers): unchanged Qwen2.5-VL attention (GQA, q/k/v biases,
+multimodal RoPE) restricted to a window of W tokens. With a state, the keys of the previous W - 1 tokens come from
+the ring buffer; the result equals one full pass. `full_attention` layers (teacher models) use the same code with
+no window."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import TextConfig
+from ..ops.attention import attention_decode, sliding_window_attention
+from ..state import AttentionLayerState
+from .layout import TokenLayout
+from .rope import apply_rope
+
+
+class SlidingWindowAttention(nn.Module):
+    def __init__(self, config: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.window = config.layer_window(layer_idx)
+        d, H, KV, hd = config.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        self.q_proj = nn.Linear(d, H * hd, bias=True)
+        self.k_proj = nn.Linear(d, KV * hd, bias=True)
+        self.v_proj = nn.Linear(d, KV * hd, bias=True)
+        self.o_proj = nn.Linear(H * hd, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: TokenLayout,
+                state: AttentionLayerState | None = None, past_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, d] -> [B, T, d]; cos/sin [B, T, head_dim]; `state` (if given) is read and updated in place."""
+        B, T, _ = x.shape
+        H, KV, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        q = apply_rope(self.q_proj(x).view(B, T, H, hd), cos, sin)
+        k = apply_rope(self.k_proj(x).view(B, T, KV, hd), cos, sin)
+        v = self.v_proj(x).view(B, T, KV, hd)
+        if state is None:
+            o = sliding_window_attention(q, k, v, layout.positions, layout.positions, self.window)
+        elif layout.is_single_token:
+            o = attention_decode(q, state.keys, state.values, state.positions >= 0, k, v)
+        else:
+            ring_k, ring_v, ring_pos = state.ordered(past_tokens)
+            keys = torch.cat([ring_k.transpose(1, 2), k.to(ring_k.dtype)], dim=1)
+            values = torch.cat([ring_v.transpose(1, 2), v.to(ring_v.dtype)], dim=1)
+            o = sliding_window_attention(q, keys.to(q.dtype), values.to(q.dtype), layout.positions,
+                                         torch.cat([ring_pos, layout.positions], dim=1), self.window)
+        if state is not None:
+            state.write(k, v, layout.positions)
+        return self.o_proj(o.reshape(B, T, H * hd))

@@ -1,0 +1,230 @@
+"""InfiniteVL: the vision tower feeding the hybrid decoder, with a tied LM head.
+
+Module names equal the in-memory checkpoint spelling (`model.visual.*`, `model.language_model.*`, `lm_head`), so
+the state dict needs no renaming beyond the legacy on-disk spelling handled in `checkpoint.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import InfiniteVLConfig
+from ..state import InfiniteVLState
+from .decoder import InfiniteVLTextModel, RMSNorm
+from .gdn import GatedDeltaNet, OutputNorm, ShortConv
+from .rope import VisionGridError, rope_index
+from .vision import build_vision_tower, encode
+
+
+@dataclass
+class InfiniteVLOutput:
+    logits: torch.Tensor  # [B, T or logits_to_keep, vocab]
+    loss: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    position_ids: torch.Tensor | None = None  # [3, B, T]
+    next_position: torch.Tensor | None = None  # [B]: RoPE index of the next token
+
+
+class InfiniteVLModel(nn.Module):
+    def __init__(self, config: InfiniteVLConfig):
+        super().__init__()
+        self.visual = build_vision_tower(config.vision)
+        self.language_model = InfiniteVLTextModel(config.text)
+
+
+class InfiniteVLForConditionalGeneration(nn.Module):
+    def __init__(self, config: InfiniteVLConfig):
+        super().__init__()
+        self.config = config
+        self.model = InfiniteVLModel(config)
+        t = config.text
+        self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
+        self.tie_weights()
+
+    # -- construction --------------------------------------------------------------------------------------------
+    def tie_weights(self) -> None:
+        if self.config.text.tie_word_embeddings:
+            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+
+    @classmethod
+    def from_config(cls, config: InfiniteVLConfig, dtype: torch.dtype = torch.float32, device="cpu",
+                    seed: int | None = None) -> InfiniteVLForConditionalGeneration:
+        """A randomly initialised model (the official GDN initialisation, std `initializer_range` elsewhere)."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = cls(config)
+        model.init_weights()
+        return model.to(device=device, dtype=dtype).eval()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        std = self.config.text.initializer_range
+        for module in self.model.language_model.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, (RMSNorm, OutputNorm)):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, ShortConv):
+                # as nn.Conv1d (flash-linear-attention's ShortConvolution) initialises a depthwise kernel
+                bound = 1 / math.sqrt(module.weight.shape[-1])
+                nn.init.uniform_(module.weight, -bound, bound)
+            elif isinstance(module, GatedDeltaNet):
+                init_gdn_gates(module)
+        self.tie_weights()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
+                        **config_overrides) -> InfiniteVLForConditionalGeneration:
+        """Load a local folder (config.json + model.safetensors or a sharded index) or a resolvable hub id,
+        strictly; see `checkpoint.load_checkpoint`."""
+        from ..checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, device=device, **config_overrides)
+
+    def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB",
+                        dtype: torch.dtype | None = None) -> Path:
+        """Write the official format (legacy key spelling, tied lm_head omitted, sharded above the limit)."""
+        from ..checkpoint import save_pretrained
+
+        return save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype)
+
+    # -- facts ---------------------------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def language_model(self) -> InfiniteVLTextModel:
+        return self.model.language_model
+
+    def new_state(self, batch_size: int = 1, max_context: int | None = None) -> InfiniteVLState:
+        """A zeroed inference state for this model, in its dtype and device."""
+        return InfiniteVLState.allocate(self.config, batch_size, self.dtype, self.device, max_context)
+
+    # -- inputs --------------------------------------------------------------------------------------------------
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """[n_patches, 1176] -> [n_tokens, hidden]: what replaces the image placeholder tokens, in order."""
+        return encode(self.model.visual, pixel_values, image_grid_thw)
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> torch.Tensor:
+        return encode(self.model.visual, pixel_values_videos, video_grid_thw)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+              video_grid_thw=None, image_embeds=None, video_embeds=None) -> torch.Tensor:
+        """Token embeddings with the vision features scattered into the image/video placeholder positions."""
+        embeds = self.model.language_model.embed_tokens(input_ids)
+        c = self.config
+        if pixel_values is not None and image_embeds is None:
+            image_embeds = self.get_image_features(pixel_values, image_grid_thw)
+        if pixel_values_videos is not None and video_embeds is None:
+            video_embeds = self.get_video_features(pixel_values_videos, video_grid_thw)
+        for token_id, feats, what in ((c.image_token_id, image_embeds, "image"), (c.video_token_id, video_embeds,
+                                                                                   "video")):
+            mask = input_ids == token_id
+            n_tokens = int(mask.sum())
+            n_feats = 0 if feats is None else feats.shape[0]
+            if n_tokens != n_feats:
+                raise VisionGridError(f"the input has {n_tokens} {what} placeholder tokens but the {what} inputs give "
+                                      f"{n_feats} {what} features")
+            if n_tokens:
+                embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats.to(embeds.dtype))
+        return embeds
+
+    def rope_index(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
+                   second_per_grid_ts=None, start=None, mode: str | None = None):
+        """Multimodal positions [3, B, T] and the next running index [B] (see `rope.rope_index`)."""
+        c = self.config
+        return rope_index(
+            input_ids, image_token_id=c.image_token_id, video_token_id=c.video_token_id,
+            spatial_merge_size=c.vision.spatial_merge_size, tokens_per_second=c.vision.tokens_per_second,
+            image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
+            attention_mask=attention_mask, start=start, mode=mode or c.rope_index_mode,
+        )
+
+    # -- forward -------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        state: InfiniteVLState | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        logits_to_keep: int = 0,
+        image_embeds: torch.Tensor | None = None,
+        video_embeds: torch.Tensor | None = None,
+    ) -> InfiniteVLOutput:
+        """One pass over [B, T] tokens. With `state`, the tokens continue that stream (positions, windows and
+        memories carry over) and the state is updated in place. Padding (attention_mask 0) is on the left."""
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("give input_ids or inputs_embeds")
+            inputs_embeds = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                                       image_embeds, video_embeds)
+        next_position = None
+        if position_ids is None:
+            if input_ids is None:
+                raise ValueError("position_ids are required with inputs_embeds")
+            start = state.next_position if state is not None else None
+            position_ids, next_position = self.rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw,
+                                                          second_per_grid_ts, start=start)
+        hidden, hiddens = self.model.language_model(inputs_embeds, position_ids, attention_mask, state,
+                                                    output_hidden_states)
+        if state is not None:
+            if next_position is None:
+                pos = position_ids.amax(0)
+                if attention_mask is not None:
+                    pos = pos.masked_fill(~attention_mask.bool(), -1)
+                next_position = torch.maximum(pos.amax(-1) + 1, state.next_position)
+            state.next_position.copy_(next_position)
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels)
+        return InfiniteVLOutput(logits=logits, loss=loss, hidden_states=hiddens, position_ids=position_ids,
+                                next_position=next_position)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
+        """Greedy continuation [B, n] of a prompt with optional vision inputs; see `engine.generation` for sampling,
+        stop conditions and streaming."""
+        from ..engine.generation import greedy_generate
+
+        return greedy_generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32 over labels that are not `ignore_index`."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:].to(logits.device)
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                           ignore_index=ignore_index)
+
+
+@torch.no_grad()
+def init_gdn_gates(layer: GatedDeltaNet) -> None:
+    """The official initialisation of A_log (log U(0, 16)) and dt_bias (inverse softplus of dt ~ logU(1e-3, 0.1))."""
+    H = layer.A_log.shape[0]
+    layer.A_log.copy_(torch.empty(H).uniform_(0, 16).clamp_(min=1e-4).log())
+    dt = torch.exp(torch.rand(H) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp(min=1e-4)
+    layer.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))

@@ -1,0 +1,270 @@
+"""The inference state of a stream: fixed-size, allocated once, saved and loaded as safetensors.
+
+Per Gated DeltaNet layer: the conv tails of q, k and v (the last K - 1 pre-conv inputs) and the memory S
+[B, H, Dk, Dv], always fp32. Per sliding-window layer: a ring buffer of the last W - 1 rotated keys and values with
+their stream positions (-1 = empty). Per stream: the running RoPE index (`next_position`) and the number of tokens
+seen (`num_tokens`, which is also the stream position of the next token). Nothing here grows with the input; the
+byte size is fixed at allocation (`nbytes`). Full-attention layers (teacher-style models only) get a cache of a
+fixed `max_context` and refuse to go past it.
+
+The model reads and updates these objects in place; this module knows nothing about modules or weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import LINEAR, InfiniteVLConfig
+
+STATE_FORMAT = "infinitevl-state/1"
+
+
+class StateError(ValueError):
+    """A state that does not fit the model, is corrupt, or is used past its capacity."""
+
+
+@dataclass
+class LinearLayerState:
+    conv_q: torch.Tensor  # [B, H*Dk, K-1]
+    conv_k: torch.Tensor  # [B, KVh*Dk, K-1]
+    conv_v: torch.Tensor  # [B, KVh*Dv, K-1]
+    memory: torch.Tensor  # [B, H, Dk, Dv] fp32
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"conv_q": self.conv_q, "conv_k": self.conv_k, "conv_v": self.conv_v, "memory": self.memory}
+
+
+@dataclass
+class AttentionLayerState:
+    keys: torch.Tensor  # [B, KV, capacity, D], rotated; head-major so that a decode step reads contiguous rows
+    values: torch.Tensor  # [B, KV, capacity, D]
+    positions: torch.Tensor  # [B, capacity] int64 stream positions, -1 = empty slot
+    window: int | None  # None: full attention, the cache must hold everything
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"keys": self.keys, "values": self.values, "positions": self.positions}
+
+    def ordered(self, num_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values [B, KV, cap, D] and positions [B, cap] oldest first (empty slots first)."""
+        shifts = (num_tokens % self.capacity).tolist()
+        if len(set(shifts)) == 1:
+            s = shifts[0]
+            return (self.keys.roll(-s, dims=2), self.values.roll(-s, dims=2), self.positions.roll(-s, dims=1))
+        rows = [(self.keys[b].roll(-s, dims=1), self.values[b].roll(-s, dims=1), self.positions[b].roll(-s, dims=0))
+                for b, s in enumerate(shifts)]
+        return tuple(torch.stack(parts) for parts in zip(*rows))  # type: ignore[return-value]
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Store the tokens that remain among the last `capacity`; keys/values [B, T, KV, D], positions [B, T]."""
+        cap = self.capacity
+        last = positions.max(dim=1, keepdim=True).values
+        keep = (positions >= 0) & (positions > last - cap)
+        if self.window is None and bool((positions >= cap).any()):
+            raise StateError(f"the full-attention cache holds {cap} tokens and the stream has gone past it")
+        rows, cols = keep.nonzero(as_tuple=True)
+        slots = positions[rows, cols] % cap
+        self.keys[rows, :, slots] = keys[rows, cols].to(self.keys.dtype)
+        self.values[rows, :, slots] = values[rows, cols].to(self.values.dtype)
+        self.positions[rows, slots] = positions[rows, cols]
+
+
+class InfiniteVLState:
+    """The whole model's state for a batch of streams."""
+
+    def __init__(self, layers, next_position: torch.Tensor, num_tokens: torch.Tensor, fingerprint: dict):
+        self.layers: list[LinearLayerState | AttentionLayerState] = layers
+        self.next_position = next_position  # [B] int64: RoPE index of the next text token
+        self.num_tokens = num_tokens  # [B] int64: stream tokens seen so far
+        self.fingerprint = fingerprint
+
+    # -- construction ------------------------------------------------------------------------------------------
+    @classmethod
+    def allocate(
+        cls,
+        config: InfiniteVLConfig,
+        batch_size: int = 1,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        max_context: int | None = None,
+    ) -> InfiniteVLState:
+        """Zeroed state. `max_context` sizes the caches of full-attention layers (only those need it)."""
+        t = config.text
+        K = t.conv_size
+        layers: list = []
+        for i, kind in enumerate(t.layer_types):
+            if kind == LINEAR:
+                layers.append(LinearLayerState(
+                    conv_q=torch.zeros(batch_size, t.num_linear_heads * t.linear_head_dim, K - 1, dtype=dtype,
+                                       device=device),
+                    conv_k=torch.zeros(batch_size, t.linear_key_dim, K - 1, dtype=dtype, device=device),
+                    conv_v=torch.zeros(batch_size, t.linear_value_dim, K - 1, dtype=dtype, device=device),
+                    memory=torch.zeros(batch_size, t.num_linear_heads, t.linear_head_dim, t.linear_value_head_dim,
+                                       dtype=torch.float32, device=device),
+                ))
+            else:
+                window = t.layer_window(i)
+                if window is None and max_context is None:
+                    raise StateError(f"layer {i} is full attention: allocate the state with max_context")
+                cap = window - 1 if window is not None else max_context
+                shape = (batch_size, t.num_key_value_heads, cap, t.head_dim)
+                layers.append(AttentionLayerState(
+                    keys=torch.zeros(shape, dtype=dtype, device=device),
+                    values=torch.zeros(shape, dtype=dtype, device=device),
+                    positions=torch.full((batch_size, cap), -1, dtype=torch.long, device=device),
+                    window=window,
+                ))
+        zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return cls(layers, zeros, zeros.clone(), config.fingerprint())
+
+    # -- facts ---------------------------------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.num_tokens.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for layer in self.layers:
+            return layer.keys.dtype if isinstance(layer, AttentionLayerState) else layer.conv_q.dtype
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return self.num_tokens.device
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"next_position": self.next_position, "num_tokens": self.num_tokens}
+        for i, layer in enumerate(self.layers):
+            out.update({f"layers.{i}.{k}": v for k, v in layer.tensors().items()})
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    # -- copies --------------------------------------------------------------------------------------------------
+    def clone(self) -> InfiniteVLState:
+        """An independent copy (a branch): changing one never touches the other."""
+        new = self._like()
+        new.copy_(self)
+        return new
+
+    def _like(self) -> InfiniteVLState:
+        layers = []
+        for layer in self.layers:
+            fields = {k: torch.empty_like(v) for k, v in layer.tensors().items()}
+            if isinstance(layer, AttentionLayerState):
+                layers.append(AttentionLayerState(**fields, window=layer.window))
+            else:
+                layers.append(LinearLayerState(**fields))
+        return InfiniteVLState(layers, torch.empty_like(self.next_position), torch.empty_like(self.num_tokens),
+                               dict(self.fingerprint))
+
+    def copy_(self, other: InfiniteVLState) -> InfiniteVLState:
+        """Overwrite this state's buffers with another's (same shapes); no allocation."""
+        mine, theirs = self.tensors(), other.tensors()
+        if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
+            raise StateError("cannot copy a state of a different shape")
+        for k, t in mine.items():
+            t.copy_(theirs[k])
+        return self
+
+    def reset(self) -> InfiniteVLState:
+        for name, t in self.tensors().items():
+            t.fill_(-1 if name.endswith("positions") else 0)
+        return self
+
+    def select(self, rows: list[int]) -> InfiniteVLState:
+        """A new state holding the given batch rows (copies)."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        return self._map(lambda t: t.index_select(0, idx))
+
+    @classmethod
+    def stack(cls, states: list[InfiniteVLState]) -> InfiniteVLState:
+        """Concatenate states along the batch (for batched decoding of several streams)."""
+        first = states[0]
+        for s in states[1:]:
+            if s.fingerprint != first.fingerprint:
+                raise StateError("cannot batch states of different models")
+        tensors = {k: torch.cat([s.tensors()[k] for s in states]) for k in first.tensors()}
+        return first._from_tensors(tensors)
+
+    def write_rows(self, rows: list[int], other: InfiniteVLState) -> None:
+        """Copy `other`'s batch rows (in order) into this state's `rows`."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        theirs = other.tensors()
+        for k, t in self.tensors().items():
+            t.index_copy_(0, idx, theirs[k].to(t.device))
+
+    def _map(self, fn) -> InfiniteVLState:
+        return self._from_tensors({k: fn(v) for k, v in self.tensors().items()})
+
+    def _from_tensors(self, tensors: dict[str, torch.Tensor]) -> InfiniteVLState:
+        layers = []
+        for i, layer in enumerate(self.layers):
+            fields = {k: tensors[f"layers.{i}.{k}"] for k in layer.tensors()}
+            if isinstance(layer, AttentionLayerState):
+                layers.append(AttentionLayerState(**fields, window=layer.window))
+            else:
+                layers.append(LinearLayerState(**fields))
+        return InfiniteVLState(layers, tensors["next_position"], tensors["num_tokens"], dict(self.fingerprint))
+
+    # -- files ---------------------------------------------------------------------------------------------------
+    def save(self, path: str | Path, extra: dict[str, str] | None = None) -> Path:
+        """Write a safetensors file whose metadata identifies the model configuration. Written to a temporary
+        name and renamed, so an interrupted save never leaves a half-written snapshot under `path`."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        windows = [layer.window if isinstance(layer, AttentionLayerState) else None for layer in self.layers]
+        meta = {"format": STATE_FORMAT, "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
+                "windows": json.dumps(windows)}
+        meta.update(extra or {})
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}, str(tmp), metadata=meta)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, config: InfiniteVLConfig | None = None,
+             device: torch.device | str = "cpu") -> InfiniteVLState:
+        """Read a snapshot; with `config`, refuse one written for a different model."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no state snapshot at {path}")
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        except Exception as err:  # safetensors raises its own error types for corrupt files
+            raise StateError(f"{path} is not a readable state snapshot: {err}") from err
+        if meta.get("format") != STATE_FORMAT:
+            raise StateError(f"{path} is not an InfiniteVL state (format {meta.get('format')!r})")
+        fingerprint = json.loads(meta["fingerprint"])
+        if config is not None and fingerprint != config.fingerprint():
+            diff = sorted(k for k in set(fingerprint) | set(config.fingerprint())
+                          if fingerprint.get(k) != config.fingerprint().get(k))
+            raise StateError(f"{path} was saved for a different model configuration (differs in: {', '.join(diff)})")
+        windows = json.loads(meta["windows"])
+        layers = []
+        for i, window in enumerate(windows):
+            prefix = f"layers.{i}."
+            fields = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if "keys" in fields:
+                layers.append(AttentionLayerState(**fields, window=window))
+            else:
+                layers.append(LinearLayerState(**fields))
+        return cls(layers, tensors["next_position"], tensors["num_tokens"], fingerprint)
+
+    @staticmethod
+    def read_metadata(path: str | Path) -> dict[str, str]:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
