@@ -34,16 +34,16 @@ def to_memory_name(key: str) -> str:
     if key.startswith("visual."):
         return "model." + key
     if key.startswith("model.") and not key.startswith(("model.visual.", "model.language_model.")):
-        return "model.language_model." + key[len("model."):]
+        return "model.language_model." + key[len("model.") :]
     return key
 
 
 def to_disk_name(key: str) -> str:
     """In-memory name -> the legacy spelling the official class writes."""
     if key.startswith("model.visual."):
-        return key[len("model."):]
+        return key[len("model.") :]
     if key.startswith("model.language_model."):
-        return "model." + key[len("model.language_model."):]
+        return "model." + key[len("model.language_model.") :]
     return key
 
 
@@ -58,11 +58,14 @@ def resolve(path: str | Path) -> Path:
         try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
-                                                                      "*.jinja"]))
+            return Path(
+                snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+            )
         except Exception as err:
-            raise CheckpointError(f"{path} is not a local folder and could not be resolved on the hub "
-                                  f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {err}") from err
+            raise CheckpointError(
+                f"{path} is not a local folder and could not be resolved on the hub "
+                f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {err}"
+            ) from err
     raise CheckpointError(f"no model folder at {path}")
 
 
@@ -89,8 +92,9 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
                 for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
                     name = to_memory_name(key)
                     if name in tensors:
-                        raise CheckpointError(f"{key} ({file.name}) and {origin[name]} are the same tensor spelled "
-                                              f"twice")
+                        raise CheckpointError(
+                            f"{key} ({file.name}) and {origin[name]} are the same tensor spelled twice"
+                        )
                     tensors[name] = f.get_tensor(key)
                     origin[name] = f"{key} ({file.name})"
         except CheckpointError:
@@ -107,12 +111,16 @@ def check_and_tie(model: torch.nn.Module, tensors: dict[str, torch.Tensor], tied
         expected.pop(LM_HEAD, None)
         head = tensors.pop(LM_HEAD, None)
         if head is not None and EMBED in tensors and head.shape != tensors[EMBED].shape:
-            raise CheckpointError(f"{LM_HEAD} has shape {tuple(head.shape)} but is tied to {EMBED} "
-                                  f"{tuple(tensors[EMBED].shape)}")
+            raise CheckpointError(
+                f"{LM_HEAD} has shape {tuple(head.shape)} but is tied to {EMBED} {tuple(tensors[EMBED].shape)}"
+            )
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(f"{k} (file {tuple(tensors[k].shape)}, model {tuple(expected[k])})"
-                   for k in set(expected) & set(tensors) if tuple(tensors[k].shape) != tuple(expected[k]))
+    wrong = sorted(
+        f"{k} (file {tuple(tensors[k].shape)}, model {tuple(expected[k])})"
+        for k in set(expected) & set(tensors)
+        if tuple(tensors[k].shape) != tuple(expected[k])
+    )
     if missing or unexpected or wrong:
         parts = []
         for title, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
@@ -160,8 +168,10 @@ def save_pretrained(model, path, max_shard_size: int | str = "5GB", dtype: torch
     state = model.state_dict()
     if model.config.text.tie_word_embeddings:
         state.pop(LM_HEAD, None)
-    tensors = {to_disk_name(k): (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach()
-               .contiguous().cpu() for k, v in state.items()}
+    tensors = {
+        to_disk_name(k): (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+        for k, v in state.items()
+    }
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key in sorted(tensors):
@@ -183,8 +193,9 @@ def save_pretrained(model, path, max_shard_size: int | str = "5GB", dtype: torch
             for key, t in shard.items():
                 weight_map[key] = name
                 total += t.numel() * t.element_size()
-        (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                               indent=2, sort_keys=True) + "\n")
+        (folder / INDEX).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n"
+        )
     config = model.config
     if dtype is not None:
         config.torch_dtype = str(dtype).replace("torch.", "")

@@ -183,9 +183,23 @@ _TOKEN_FIELDS = (
     "pad_token_id",
 )
 # Keys of the official file that describe the runtime, not the model; read and written back, never used.
-_IGNORED = {"attn_implementation", "_attn_implementation", "use_cache", "max_window_layers", "mode", "auto_map",
-            "architectures", "transformers_version", "torch_dtype", "dtype", "model_type", "rope_scaling",
-            "rope_parameters", "text_config", "vision_config"}
+_IGNORED = {
+    "attn_implementation",
+    "_attn_implementation",
+    "use_cache",
+    "max_window_layers",
+    "mode",
+    "auto_map",
+    "architectures",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "model_type",
+    "rope_scaling",
+    "rope_parameters",
+    "text_config",
+    "vision_config",
+}
 
 
 @dataclass
@@ -220,7 +234,9 @@ class InfiniteVLConfig:
             )
         for name in ("image_token_id", "video_token_id"):
             if not 0 <= getattr(self, name) < self.text.vocab_size:
-                raise ConfigError(f"{name} {getattr(self, name)} is outside the vocabulary (size {self.text.vocab_size})")
+                raise ConfigError(
+                    f"{name} {getattr(self, name)} is outside the vocabulary (size {self.text.vocab_size})"
+                )
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -291,8 +307,13 @@ class InfiniteVLConfig:
         if self.rope_index_mode != "official":
             out["rope_index_mode"] = self.rope_index_mode
         vision = {f.name: getattr(self.vision, f.name) for f in fields(VisionConfig) if f.name != "extra"}
-        vision.update({"model_type": "infinite_vl", "in_chans": self.vision.in_channels,
-                       "spatial_patch_size": self.vision.patch_size})
+        vision.update(
+            {
+                "model_type": "infinite_vl",
+                "in_chans": self.vision.in_channels,
+                "spatial_patch_size": self.vision.patch_size,
+            }
+        )
         vision.update(self.vision.extra)
         out["vision_config"] = vision
         out.update(self.extra)
@@ -353,8 +374,11 @@ def _build(cls, raw: dict[str, Any], overrides: dict[str, Any]):
     if cls is VisionConfig:
         if "in_chans" in raw and "in_channels" not in raw:
             kwargs["in_channels"] = raw["in_chans"]
-        extra = {k: v for k, v in raw.items() if k not in names and k not in ("in_chans", "spatial_patch_size",
-                                                                               "model_type", "torch_dtype", "dtype")}
+        extra = {
+            k: v
+            for k, v in raw.items()
+            if k not in names and k not in ("in_chans", "spatial_patch_size", "model_type", "torch_dtype", "dtype")
+        }
         return cls(**kwargs, extra=extra)
     return cls(**kwargs)
 
@@ -362,14 +386,40 @@ def _build(cls, raw: dict[str, Any], overrides: dict[str, Any]):
 def tiny_config(**text_overrides: Any) -> InfiniteVLConfig:
     """A small random-weight configuration for tests, examples and the CPU demo (same structure as the 4B)."""
     text = dict(
-        vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, mrope_section=[2, 3, 3], rope_theta=10000.0, sliding_window=24,
-        num_linear_heads=4, num_linear_key_value_heads=4, linear_head_dim=16, expand_v=2,
+        vocab_size=384,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        mrope_section=[2, 3, 3],
+        rope_theta=10000.0,
+        sliding_window=24,
+        num_linear_heads=4,
+        num_linear_key_value_heads=4,
+        linear_head_dim=16,
+        expand_v=2,
     )
     text.update(text_overrides)
-    vision = VisionConfig(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, window_size=56,
-                          fullatt_block_indexes=[1, 3], out_hidden_size=text["hidden_size"])
+    vision = VisionConfig(
+        depth=4,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        window_size=56,
+        fullatt_block_indexes=[1, 3],
+        out_hidden_size=text["hidden_size"],
+    )
     return InfiniteVLConfig(
-        text=TextConfig(**text), vision=vision, image_token_id=370, video_token_id=371, vision_start_token_id=372,
-        vision_end_token_id=373, vision_token_id=374, bos_token_id=380, eos_token_id=381, torch_dtype="float32",
+        text=TextConfig(**text),
+        vision=vision,
+        image_token_id=370,
+        video_token_id=371,
+        vision_start_token_id=372,
+        vision_end_token_id=373,
+        vision_token_id=374,
+        bos_token_id=380,
+        eos_token_id=381,
+        torch_dtype="float32",
     )

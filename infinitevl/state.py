@@ -60,8 +60,10 @@ class AttentionLayerState:
         if len(set(shifts)) == 1:
             s = shifts[0]
             return (self.keys.roll(-s, dims=2), self.values.roll(-s, dims=2), self.positions.roll(-s, dims=1))
-        rows = [(self.keys[b].roll(-s, dims=1), self.values[b].roll(-s, dims=1), self.positions[b].roll(-s, dims=0))
-                for b, s in enumerate(shifts)]
+        rows = [
+            (self.keys[b].roll(-s, dims=1), self.values[b].roll(-s, dims=1), self.positions[b].roll(-s, dims=0))
+            for b, s in enumerate(shifts)
+        ]
         return tuple(torch.stack(parts) for parts in zip(*rows))  # type: ignore[return-value]
 
     def write(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
@@ -103,26 +105,37 @@ class InfiniteVLState:
         layers: list = []
         for i, kind in enumerate(t.layer_types):
             if kind == LINEAR:
-                layers.append(LinearLayerState(
-                    conv_q=torch.zeros(batch_size, t.num_linear_heads * t.linear_head_dim, K - 1, dtype=dtype,
-                                       device=device),
-                    conv_k=torch.zeros(batch_size, t.linear_key_dim, K - 1, dtype=dtype, device=device),
-                    conv_v=torch.zeros(batch_size, t.linear_value_dim, K - 1, dtype=dtype, device=device),
-                    memory=torch.zeros(batch_size, t.num_linear_heads, t.linear_head_dim, t.linear_value_head_dim,
-                                       dtype=torch.float32, device=device),
-                ))
+                layers.append(
+                    LinearLayerState(
+                        conv_q=torch.zeros(
+                            batch_size, t.num_linear_heads * t.linear_head_dim, K - 1, dtype=dtype, device=device
+                        ),
+                        conv_k=torch.zeros(batch_size, t.linear_key_dim, K - 1, dtype=dtype, device=device),
+                        conv_v=torch.zeros(batch_size, t.linear_value_dim, K - 1, dtype=dtype, device=device),
+                        memory=torch.zeros(
+                            batch_size,
+                            t.num_linear_heads,
+                            t.linear_head_dim,
+                            t.linear_value_head_dim,
+                            dtype=torch.float32,
+                            device=device,
+                        ),
+                    )
+                )
             else:
                 window = t.layer_window(i)
                 if window is None and max_context is None:
                     raise StateError(f"layer {i} is full attention: allocate the state with max_context")
                 cap = window - 1 if window is not None else max_context
                 shape = (batch_size, t.num_key_value_heads, cap, t.head_dim)
-                layers.append(AttentionLayerState(
-                    keys=torch.zeros(shape, dtype=dtype, device=device),
-                    values=torch.zeros(shape, dtype=dtype, device=device),
-                    positions=torch.full((batch_size, cap), -1, dtype=torch.long, device=device),
-                    window=window,
-                ))
+                layers.append(
+                    AttentionLayerState(
+                        keys=torch.zeros(shape, dtype=dtype, device=device),
+                        values=torch.zeros(shape, dtype=dtype, device=device),
+                        positions=torch.full((batch_size, cap), -1, dtype=torch.long, device=device),
+                        window=window,
+                    )
+                )
         zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
         return cls(layers, zeros, zeros.clone(), config.fingerprint())
 
@@ -166,8 +179,9 @@ class InfiniteVLState:
                 layers.append(AttentionLayerState(**fields, window=layer.window))
             else:
                 layers.append(LinearLayerState(**fields))
-        return InfiniteVLState(layers, torch.empty_like(self.next_position), torch.empty_like(self.num_tokens),
-                               dict(self.fingerprint))
+        return InfiniteVLState(
+            layers, torch.empty_like(self.next_position), torch.empty_like(self.num_tokens), dict(self.fingerprint)
+        )
 
     def copy_(self, other: InfiniteVLState) -> InfiniteVLState:
         """Overwrite this state's buffers with another's (same shapes); no allocation."""
@@ -225,8 +239,11 @@ class InfiniteVLState:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         windows = [layer.window if isinstance(layer, AttentionLayerState) else None for layer in self.layers]
-        meta = {"format": STATE_FORMAT, "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
-                "windows": json.dumps(windows)}
+        meta = {
+            "format": STATE_FORMAT,
+            "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
+            "windows": json.dumps(windows),
+        }
         meta.update(extra or {})
         tmp = path.with_name(path.name + ".tmp")
         save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}, str(tmp), metadata=meta)
@@ -234,8 +251,9 @@ class InfiniteVLState:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, config: InfiniteVLConfig | None = None,
-             device: torch.device | str = "cpu") -> InfiniteVLState:
+    def load(
+        cls, path: str | Path, config: InfiniteVLConfig | None = None, device: torch.device | str = "cpu"
+    ) -> InfiniteVLState:
         """Read a snapshot; with `config`, refuse one written for a different model."""
         path = Path(path)
         if not path.exists():
@@ -250,14 +268,17 @@ class InfiniteVLState:
             raise StateError(f"{path} is not an InfiniteVL state (format {meta.get('format')!r})")
         fingerprint = json.loads(meta["fingerprint"])
         if config is not None and fingerprint != config.fingerprint():
-            diff = sorted(k for k in set(fingerprint) | set(config.fingerprint())
-                          if fingerprint.get(k) != config.fingerprint().get(k))
+            diff = sorted(
+                k
+                for k in set(fingerprint) | set(config.fingerprint())
+                if fingerprint.get(k) != config.fingerprint().get(k)
+            )
             raise StateError(f"{path} was saved for a different model configuration (differs in: {', '.join(diff)})")
         windows = json.loads(meta["windows"])
         layers = []
         for i, window in enumerate(windows):
             prefix = f"layers.{i}."
-            fields = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            fields = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             if "keys" in fields:
                 layers.append(AttentionLayerState(**fields, window=window))
             else:

@@ -73,10 +73,12 @@ def prefill(
     input_ids = input_ids.to(model.device)
     if attention_mask is not None:
         attention_mask = attention_mask.to(model.device)
-    embeds = model.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, image_embeds,
-                         video_embeds)
-    positions, next_position = model.rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw,
-                                                second_per_grid_ts, start=state.next_position)
+    embeds = model.embed(
+        input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, image_embeds, video_embeds
+    )
+    positions, next_position = model.rope_index(
+        input_ids, attention_mask, image_grid_thw, video_grid_thw, second_per_grid_ts, start=state.next_position
+    )
     T = input_ids.shape[1]
     logits = []
     hidden = None
@@ -188,8 +190,15 @@ def _is_prefix_of_stop(text: str, stop: str) -> bool:
 
 
 @torch.no_grad()
-def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, attention_mask=None,
-                    chunk_size: int = DEFAULT_CHUNK, stop_token_ids=None, **vision) -> torch.Tensor:
+def greedy_generate(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 32,
+    attention_mask=None,
+    chunk_size: int = DEFAULT_CHUNK,
+    stop_token_ids=None,
+    **vision,
+) -> torch.Tensor:
     """Greedy continuation of a batch of (left-padded) prompts: [B, max_new_tokens] (rows stop early at a stop
     token and are then padded with it)."""
     B = input_ids.shape[0]

@@ -86,22 +86,42 @@ class GatedDeltaNet(nn.Module):
         beta, g = self.gates(x, layout)
         if state is not None and layout.is_single_token:
             tails = (state.conv_q, state.conv_k, state.conv_v)
-            q, k, v = (causal_conv1d_step(p[:, 0], c.weight, tail, inplace=True)[0].unsqueeze(1)
-                       for p, c, tail in zip(projected, convs, tails))
-            o, _ = gated_delta_rule_step(q.view(B, 1, H, Dk), k.view(B, 1, KVh, Dk), v.view(B, 1, KVh, Dv), g, beta,
-                                         state.memory, use_qk_l2norm=True, inplace=True)
+            q, k, v = (
+                causal_conv1d_step(p[:, 0], c.weight, tail, inplace=True)[0].unsqueeze(1)
+                for p, c, tail in zip(projected, convs, tails)
+            )
+            o, _ = gated_delta_rule_step(
+                q.view(B, 1, H, Dk),
+                k.view(B, 1, KVh, Dk),
+                v.view(B, 1, KVh, Dv),
+                g,
+                beta,
+                state.memory,
+                use_qk_l2norm=True,
+                inplace=True,
+            )
         else:
             tails = (state.conv_q, state.conv_k, state.conv_v) if state is not None else (None, None, None)
-            results = [causal_conv1d(p, c.weight, tail, layout.num_left_pad)
-                       for p, c, tail in zip(projected, convs, tails)]
+            results = [
+                causal_conv1d(p, c.weight, tail, layout.num_left_pad) for p, c, tail in zip(projected, convs, tails)
+            ]
             (q, new_q), (k, new_k), (v, new_v) = results
             o, memory = backend.gated_delta_rule(
-                q.view(B, T, H, Dk), k.view(B, T, KVh, Dk), v.view(B, T, KVh, Dv), g, beta,
-                initial_state=state.memory if state is not None else None, use_qk_l2norm=True,
+                q.view(B, T, H, Dk),
+                k.view(B, T, KVh, Dk),
+                v.view(B, T, KVh, Dv),
+                g,
+                beta,
+                initial_state=state.memory if state is not None else None,
+                use_qk_l2norm=True,
             )
             if state is not None:
-                for buf, new in ((state.conv_q, new_q), (state.conv_k, new_k), (state.conv_v, new_v),
-                                 (state.memory, memory)):
+                for buf, new in (
+                    (state.conv_q, new_q),
+                    (state.conv_k, new_k),
+                    (state.conv_v, new_v),
+                    (state.memory, memory),
+                ):
                     buf.copy_(new)
         gate = self.g_proj(x).view(B, T, H, Dv)
         o = self.o_norm(o.to(x.dtype), gate)

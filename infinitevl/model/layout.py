@@ -18,8 +18,14 @@ class TokenLayout:
     num_left_pad: torch.Tensor | None
 
     @classmethod
-    def build(cls, attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device,
-              past_tokens: torch.Tensor | None = None) -> TokenLayout:
+    def build(
+        cls,
+        attention_mask: torch.Tensor | None,
+        batch: int,
+        length: int,
+        device: torch.device,
+        past_tokens: torch.Tensor | None = None,
+    ) -> TokenLayout:
         offset = past_tokens.view(-1, 1) if past_tokens is not None else 0
         if attention_mask is None or bool(attention_mask.all()):
             positions = torch.arange(length, device=device).expand(batch, length) + offset

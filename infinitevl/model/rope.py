@@ -62,8 +62,11 @@ def rope_index(
             while covered < e - s:
                 if used[kind] >= len(grids[kind]):
                     what = "image" if kind == 1 else "video"
-                    raise VisionGridError(f"the input has more {what} placeholder tokens than {what}_grid_thw covers "
-                                          f"({len(grids[kind])} {what}s given)")
+                    raise VisionGridError(
+                        f"the input has {e - s} {what} placeholder tokens in a row but the "
+                        f"{len(grids[kind])} {what}_grid_thw rows given leave {e - s - covered} "
+                        f"of them without a grid (grids cover {covered})"
+                    )
                 t, h, w = grids[kind][used[kind]]
                 lt, lh, lw = t, h // spatial_merge_size, w // spatial_merge_size
                 count = lt * lh * lw
@@ -71,9 +74,13 @@ def rope_index(
                     what = "image" if kind == 1 else "video"
                     raise VisionGridError(
                         f"{what} {used[kind]}: the prompt has {e - s - covered} {what} placeholder tokens where its "
-                        f"grid {(t, h, w)} needs {count} ({t} x {lh} x {lw} merged patches)")
-                step = 0.0 if kind == 1 else float(torch.tensor(seconds[used[kind]], dtype=torch.float32)
-                                                       * tokens_per_second)
+                        f"grid {(t, h, w)} needs {count} ({t} x {lh} x {lw} merged patches)"
+                    )
+                step = (
+                    0.0
+                    if kind == 1
+                    else float(torch.tensor(seconds[used[kind]], dtype=torch.float32) * tokens_per_second)
+                )
                 if kind == 2 and mode == "official":
                     step = float(int(seconds[used[kind]])) * tokens_per_second
                 if kind == 1 and mode == "transformers":
@@ -88,8 +95,9 @@ def rope_index(
         next_position[b] = cur
     for kind, what in ((1, "image"), (2, "video")):
         if used[kind] != len(grids[kind]):
-            raise VisionGridError(f"{len(grids[kind])} {what} grids were given but the input has placeholders for "
-                                  f"{used[kind]}")
+            raise VisionGridError(
+                f"{len(grids[kind])} {what} grids were given but the input has placeholders for {used[kind]}"
+            )
     return positions, next_position
 
 
@@ -120,8 +128,9 @@ def rope_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float, mrope_section: list[int], dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [B, T, head_dim] from positions [3, B, T]: frequency section c takes stream c % 3 (twice over)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
-                                / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim)
+    )
     freqs = positions.float().unsqueeze(-1) * inv_freq  # [3, B, T, hd/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [3, B, T, hd]
     sections = emb.split(list(mrope_section) * 2, dim=-1)

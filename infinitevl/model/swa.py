@@ -29,8 +29,15 @@ class SlidingWindowAttention(nn.Module):
         self.v_proj = nn.Linear(d, KV * hd, bias=True)
         self.o_proj = nn.Linear(H * hd, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: TokenLayout,
-                state: AttentionLayerState | None = None, past_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layout: TokenLayout,
+        state: AttentionLayerState | None = None,
+        past_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x [B, T, d] -> [B, T, d]; cos/sin [B, T, head_dim]; `state` (if given) is read and updated in place."""
         B, T, _ = x.shape
         H, KV, hd = self.num_heads, self.num_kv_heads, self.head_dim
@@ -45,8 +52,14 @@ class SlidingWindowAttention(nn.Module):
             ring_k, ring_v, ring_pos = state.ordered(past_tokens)
             keys = torch.cat([ring_k.transpose(1, 2), k.to(ring_k.dtype)], dim=1)
             values = torch.cat([ring_v.transpose(1, 2), v.to(ring_v.dtype)], dim=1)
-            o = sliding_window_attention(q, keys.to(q.dtype), values.to(q.dtype), layout.positions,
-                                         torch.cat([ring_pos, layout.positions], dim=1), self.window)
+            o = sliding_window_attention(
+                q,
+                keys.to(q.dtype),
+                values.to(q.dtype),
+                layout.positions,
+                torch.cat([ring_pos, layout.positions], dim=1),
+                self.window,
+            )
         if state is not None:
             state.write(k, v, layout.positions)
         return self.o_proj(o.reshape(B, T, H * hd))

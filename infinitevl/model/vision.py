@@ -16,12 +16,20 @@ from ..config import VisionConfig
 
 def build_vision_tower(config: VisionConfig) -> nn.Module:
     hf = Qwen2_5_VLVisionConfig(
-        depth=config.depth, hidden_size=config.hidden_size, hidden_act=config.hidden_act,
-        intermediate_size=config.intermediate_size, num_heads=config.num_heads, in_channels=config.in_channels,
-        patch_size=config.patch_size, spatial_merge_size=config.spatial_merge_size,
-        temporal_patch_size=config.temporal_patch_size, tokens_per_second=config.tokens_per_second,
-        window_size=config.window_size, out_hidden_size=config.out_hidden_size,
-        fullatt_block_indexes=list(config.fullatt_block_indexes), initializer_range=config.initializer_range,
+        depth=config.depth,
+        hidden_size=config.hidden_size,
+        hidden_act=config.hidden_act,
+        intermediate_size=config.intermediate_size,
+        num_heads=config.num_heads,
+        in_channels=config.in_channels,
+        patch_size=config.patch_size,
+        spatial_merge_size=config.spatial_merge_size,
+        temporal_patch_size=config.temporal_patch_size,
+        tokens_per_second=config.tokens_per_second,
+        window_size=config.window_size,
+        out_hidden_size=config.out_hidden_size,
+        fullatt_block_indexes=list(config.fullatt_block_indexes),
+        initializer_range=config.initializer_range,
     )
     hf._attn_implementation = "sdpa"
     return Qwen2_5_VisionTransformerPretrainedModel(hf)

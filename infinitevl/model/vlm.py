@@ -53,8 +53,9 @@ class InfiniteVLForConditionalGeneration(nn.Module):
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
 
     @classmethod
-    def from_config(cls, config: InfiniteVLConfig, dtype: torch.dtype = torch.float32, device="cpu",
-                    seed: int | None = None) -> InfiniteVLForConditionalGeneration:
+    def from_config(
+        cls, config: InfiniteVLConfig, dtype: torch.dtype = torch.float32, device="cpu", seed: int | None = None
+    ) -> InfiniteVLForConditionalGeneration:
         """A randomly initialised model (the official GDN initialisation, std `initializer_range` elsewhere)."""
         if seed is not None:
             torch.manual_seed(seed)
@@ -83,16 +84,18 @@ class InfiniteVLForConditionalGeneration(nn.Module):
         self.tie_weights()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
-                        **config_overrides) -> InfiniteVLForConditionalGeneration:
+    def from_pretrained(
+        cls, path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", **config_overrides
+    ) -> InfiniteVLForConditionalGeneration:
         """Load a local folder (config.json + model.safetensors or a sharded index) or a resolvable hub id,
         strictly; see `checkpoint.load_checkpoint`."""
         from ..checkpoint import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype, device=device, **config_overrides)
 
-    def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB",
-                        dtype: torch.dtype | None = None) -> Path:
+    def save_pretrained(
+        self, path: str | Path, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None
+    ) -> Path:
         """Write the official format (legacy key spelling, tied lm_head omitted, sharded above the limit)."""
         from ..checkpoint import save_pretrained
 
@@ -123,8 +126,16 @@ class InfiniteVLForConditionalGeneration(nn.Module):
     def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> torch.Tensor:
         return encode(self.model.visual, pixel_values_videos, video_grid_thw)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-              video_grid_thw=None, image_embeds=None, video_embeds=None) -> torch.Tensor:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values=None,
+        image_grid_thw=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        image_embeds=None,
+        video_embeds=None,
+    ) -> torch.Tensor:
         """Token embeddings with the vision features scattered into the image/video placeholder positions."""
         embeds = self.model.language_model.embed_tokens(input_ids)
         c = self.config
@@ -132,27 +143,46 @@ class InfiniteVLForConditionalGeneration(nn.Module):
             image_embeds = self.get_image_features(pixel_values, image_grid_thw)
         if pixel_values_videos is not None and video_embeds is None:
             video_embeds = self.get_video_features(pixel_values_videos, video_grid_thw)
-        for token_id, feats, what in ((c.image_token_id, image_embeds, "image"), (c.video_token_id, video_embeds,
-                                                                                   "video")):
+        for token_id, feats, what in (
+            (c.image_token_id, image_embeds, "image"),
+            (c.video_token_id, video_embeds, "video"),
+        ):
             mask = input_ids == token_id
             n_tokens = int(mask.sum())
             n_feats = 0 if feats is None else feats.shape[0]
             if n_tokens != n_feats:
-                raise VisionGridError(f"the input has {n_tokens} {what} placeholder tokens but the {what} inputs give "
-                                      f"{n_feats} {what} features")
+                raise VisionGridError(
+                    f"the input has {n_tokens} {what} placeholder tokens but the {what} inputs give "
+                    f"{n_feats} {what} features"
+                )
             if n_tokens:
                 embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats.to(embeds.dtype))
         return embeds
 
-    def rope_index(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
-                   second_per_grid_ts=None, start=None, mode: str | None = None):
+    def rope_index(
+        self,
+        input_ids,
+        attention_mask=None,
+        image_grid_thw=None,
+        video_grid_thw=None,
+        second_per_grid_ts=None,
+        start=None,
+        mode: str | None = None,
+    ):
         """Multimodal positions [3, B, T] and the next running index [B] (see `rope.rope_index`)."""
         c = self.config
         return rope_index(
-            input_ids, image_token_id=c.image_token_id, video_token_id=c.video_token_id,
-            spatial_merge_size=c.vision.spatial_merge_size, tokens_per_second=c.vision.tokens_per_second,
-            image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
-            attention_mask=attention_mask, start=start, mode=mode or c.rope_index_mode,
+            input_ids,
+            image_token_id=c.image_token_id,
+            video_token_id=c.video_token_id,
+            spatial_merge_size=c.vision.spatial_merge_size,
+            tokens_per_second=c.vision.tokens_per_second,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            second_per_grid_ts=second_per_grid_ts,
+            attention_mask=attention_mask,
+            start=start,
+            mode=mode or c.rope_index_mode,
         )
 
     # -- forward -------------------------------------------------------------------------------------------------
@@ -179,17 +209,20 @@ class InfiniteVLForConditionalGeneration(nn.Module):
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("give input_ids or inputs_embeds")
-            inputs_embeds = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                                       image_embeds, video_embeds)
+            inputs_embeds = self.embed(
+                input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, image_embeds, video_embeds
+            )
         next_position = None
         if position_ids is None:
             if input_ids is None:
                 raise ValueError("position_ids are required with inputs_embeds")
             start = state.next_position if state is not None else None
-            position_ids, next_position = self.rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw,
-                                                          second_per_grid_ts, start=start)
-        hidden, hiddens = self.model.language_model(inputs_embeds, position_ids, attention_mask, state,
-                                                    output_hidden_states)
+            position_ids, next_position = self.rope_index(
+                input_ids, attention_mask, image_grid_thw, video_grid_thw, second_per_grid_ts, start=start
+            )
+        hidden, hiddens = self.model.language_model(
+            inputs_embeds, position_ids, attention_mask, state, output_hidden_states
+        )
         if state is not None:
             if next_position is None:
                 pos = position_ids.amax(0)
@@ -201,8 +234,9 @@ class InfiniteVLForConditionalGeneration(nn.Module):
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
-        return InfiniteVLOutput(logits=logits, loss=loss, hidden_states=hiddens, position_ids=position_ids,
-                                next_position=next_position)
+        return InfiniteVLOutput(
+            logits=logits, loss=loss, hidden_states=hiddens, position_ids=position_ids, next_position=next_position
+        )
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
@@ -217,8 +251,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     """Mean next-token cross-entropy in fp32 over labels that are not `ignore_index`."""
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:].to(logits.device)
-    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                           ignore_index=ignore_index)
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=ignore_index
+    )
 
 
 @torch.no_grad()

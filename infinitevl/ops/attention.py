@@ -54,8 +54,12 @@ def sliding_window_attention(
         own = torch.arange(qs, qe, device=q.device).unsqueeze(-1) + offset - lo
         mask |= own == torch.arange(hi - lo, device=q.device)
         o = F.scaled_dot_product_attention(
-            qh[:, :, qs:qe], kh[:, :, lo:hi], vh[:, :, lo:hi], attn_mask=mask.unsqueeze(1), scale=scale,
-            enable_gqa=H != k.shape[2],
+            qh[:, :, qs:qe],
+            kh[:, :, lo:hi],
+            vh[:, :, lo:hi],
+            attn_mask=mask.unsqueeze(1),
+            scale=scale,
+            enable_gqa=k.shape[2] != H,
         )
         out.append(o)
     return torch.cat(out, dim=2).transpose(1, 2)

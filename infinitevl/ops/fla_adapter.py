@@ -22,8 +22,14 @@ def gated_delta_rule(q, k, v, g, beta, initial_state, scale, use_qk_l2norm):
         v = v.repeat_interleave(H // v.shape[2], dim=2)
     kernel = fused_recurrent_gated_delta_rule if q.shape[1] <= 64 else chunk_gated_delta_rule
     o, state = kernel(
-        q=q, k=k, v=v, g=g.float(), beta=beta, scale=scale,
+        q=q,
+        k=k,
+        v=v,
+        g=g.float(),
+        beta=beta,
+        scale=scale,
         initial_state=None if initial_state is None else initial_state.float(),
-        output_final_state=True, use_qk_l2norm_in_kernel=use_qk_l2norm,
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=use_qk_l2norm,
     )
     return o, state.to(torch.float32)

@@ -22,9 +22,13 @@ and is differentiable through autograd. This module does not select backends; se
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 State = torch.Tensor
+
+
+def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """fp32, or fp64 when an input is fp64 (useful for exact reference checks); never lower than fp32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -37,12 +41,16 @@ def _expand_heads(q, k, v, g, beta):
     heads = (q.shape[2], k.shape[2], v.shape[2], g.shape[2], beta.shape[2])
     H = max(heads)
     if any(H % h for h in heads) or g.shape[2] != H or beta.shape[2] != H:
-        raise ValueError(f"head counts q/k/v/g/beta = {heads}: g and beta need H = {H} heads and the rest must divide it")
+        raise ValueError(
+            f"head counts q/k/v/g/beta = {heads}: g and beta need H = {H} heads and the rest must divide it"
+        )
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
     if not (q.shape[:2] == k.shape[:2] == v.shape[:2] == g.shape[:2] == beta.shape[:2]):
-        raise ValueError(f"batch/time shapes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
-                         f"g {tuple(g.shape)}, beta {tuple(beta.shape)}")
+        raise ValueError(
+            f"batch/time shapes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+            f"g {tuple(g.shape)}, beta {tuple(beta.shape)}"
+        )
     q, k, v = (x.repeat_interleave(H // x.shape[2], dim=2) if x.shape[2] != H else x for x in (q, k, v))
     return q, k, v, g, beta, H
 
@@ -50,19 +58,20 @@ def _expand_heads(q, k, v, g, beta):
 def _prepare(q, k, v, g, beta, scale, use_qk_l2norm):
     """fp32 copies with heads expanded to H, q and k normalised, q scaled; returns (q, k, v, g, beta, H)."""
     q, k, v, g, beta, H = _expand_heads(q, k, v, g, beta)
-    q, k, v = (x.float() for x in (q, k, v))
+    acc = accumulation_dtype(q, k, v)
+    q, k, v = (x.to(acc) for x in (q, k, v))
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return q * scale, k, v, g.float(), beta.float(), H
+    return q * scale, k, v, g.to(acc), beta.to(acc), H
 
 
-def _initial(state, B, H, Dk, Dv, device):
+def _initial(state, B, H, Dk, Dv, device, dtype=torch.float32):
     if state is None:
-        return torch.zeros(B, H, Dk, Dv, dtype=torch.float32, device=device)
+        return torch.zeros(B, H, Dk, Dv, dtype=dtype, device=device)
     if state.shape != (B, H, Dk, Dv):
         raise ValueError(f"initial state has shape {tuple(state.shape)}, expected {(B, H, Dk, Dv)}")
-    return state.float()
+    return state.to(dtype)
 
 
 def gated_delta_rule_recurrent(
@@ -79,7 +88,7 @@ def gated_delta_rule_recurrent(
     out_dtype = v.dtype
     q, k, v, g, beta, H = _prepare(q, k, v, g, beta, scale, use_qk_l2norm)
     B, T, _, Dk = q.shape
-    S = _initial(initial_state, B, H, Dk, v.shape[-1], q.device)
+    S = _initial(initial_state, B, H, Dk, v.shape[-1], q.device, q.dtype)
     outs = []
     for t in range(T):
         S = S * g[:, t].exp()[..., None, None]
@@ -110,8 +119,8 @@ def gated_delta_rule_step(
     q, k, v, g, beta, H = _prepare(q, k, v, g, beta, scale, use_qk_l2norm)
     q, k, v, g, beta = q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0]  # [B, H, D], [B, H]
     B, _, Dk = q.shape
-    if state.dtype != torch.float32 or state.shape != (B, H, Dk, v.shape[-1]):
-        raise ValueError(f"state must be fp32 {(B, H, Dk, v.shape[-1])}, got {state.dtype} {tuple(state.shape)}")
+    if state.dtype != q.dtype or state.shape != (B, H, Dk, v.shape[-1]):
+        raise ValueError(f"state must be {q.dtype} {(B, H, Dk, v.shape[-1])}, got {state.dtype} {tuple(state.shape)}")
     S = state if inplace else state.clone()
     S.mul_(g.exp()[..., None, None])
     pred = torch.matmul(k.unsqueeze(-2), S).squeeze(-2)  # [B, H, Dv]
@@ -147,7 +156,8 @@ def gated_delta_rule_chunked(
     q, k, v, g, beta, H = _expand_heads(q, k, v, g, beta)
     Dv = v.shape[-1]
     scale = Dk**-0.5 if scale is None else scale
-    S = _initial(initial_state, B, H, Dk, Dv, q.device)
+    acc = accumulation_dtype(q, k, v)
+    S = _initial(initial_state, B, H, Dk, Dv, q.device, acc)
     # Without autograd the same arithmetic runs in place and into reused buffers: on CPU, fresh large tensors cost
     # more in first-touch page faults than the arithmetic done on them.
     inplace = not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, beta, S)))
@@ -160,15 +170,16 @@ def gated_delta_rule_chunked(
     S = S.reshape(BH, Dk, Dv)
     if inplace:
         S = S.clone()
-        out = torch.empty(B, T, H, Dv, dtype=torch.float32, device=q.device)
+        out = torch.empty(B, T, H, Dv, dtype=acc, device=q.device)
     outs = []
     for start, n_chunks, C in pieces:
         span = slice(start, start + n_chunks * C)
-        c = _ChunkTerms(q[:, span], k[:, span], v[:, span], g[:, span], beta[:, span], n_chunks, scale,
-                        use_qk_l2norm, inplace)
+        c = _ChunkTerms(
+            q[:, span], k[:, span], v[:, span], g[:, span], beta[:, span], n_chunks, scale, use_qk_l2norm, inplace, acc
+        )
         if inplace:
-            readers = torch.empty(BH, 2 * C, Dk, dtype=torch.float32, device=q.device)  # [W_n; Q_n]: S read once
-            read = torch.empty(BH, 2 * C, Dv, dtype=torch.float32, device=q.device)
+            readers = torch.empty(BH, 2 * C, Dk, dtype=acc, device=q.device)  # [W_n; Q_n]: S read once
+            read = torch.empty(BH, 2 * C, Dv, dtype=acc, device=q.device)
             for n in range(n_chunks):
                 torch.bmm(c.t_beta_decay[n], c.k[n], out=readers[:, :C])
                 torch.mul(c.q[n], c.q_factor[n], out=readers[:, C:])
@@ -189,7 +200,7 @@ def gated_delta_rule_chunked(
                 outs.append(o_n.view(B, H, C, Dv).transpose(1, 2))
                 S = torch.baddbmm(S * c.chunk_decay[n], kT, v_new * c.to_end[n])
     if not inplace:
-        out = torch.cat(outs, dim=1) if outs else v.new_zeros(B, 0, H, Dv, dtype=torch.float32)
+        out = torch.cat(outs, dim=1) if outs else v.new_zeros(B, 0, H, Dv, dtype=acc)
     return out.to(out_dtype), S.reshape(B, H, Dk, Dv)
 
 
@@ -201,15 +212,15 @@ class _ChunkTerms:
     that is applied to q on the fly.
     """
 
-    def __init__(self, q, k, v, g, beta, n, scale, use_qk_l2norm, inplace):
+    def __init__(self, q, k, v, g, beta, n, scale, use_qk_l2norm, inplace, acc):
         B, _, H, Dk = q.shape
         C = q.shape[1] // n
 
         def chunks(x: torch.Tensor, copy: bool) -> torch.Tensor:
             x = x.reshape(B, n, C, H, *x.shape[3:]).permute(1, 0, 3, 2, *range(4, x.dim() + 1))
             if B == 1 and not copy:
-                return x.float().reshape(n, H, C, *x.shape[4:])  # a view: B = 1 merges without a copy
-            return x.float().contiguous().view(n, B * H, C, *x.shape[4:])
+                return x.to(acc).reshape(n, H, C, *x.shape[4:])  # a view: B = 1 merges without a copy
+            return x.to(acc).contiguous().view(n, B * H, C, *x.shape[4:])
 
         self.q = chunks(q, copy=False)
         self.v = chunks(v, copy=False)
@@ -219,7 +230,7 @@ class _ChunkTerms:
             k_factor = torch.rsqrt((kc * kc).sum(-1, keepdim=True) + 1e-6)
             kc = kc.mul_(k_factor) if inplace else kc * k_factor
         else:
-            self.q_factor = torch.full((1, 1, 1, 1), scale, dtype=torch.float32, device=q.device)
+            self.q_factor = torch.full((1, 1, 1, 1), scale, dtype=acc, device=q.device)
         self.k = kc
         gc, bc = chunks(g, copy=True), chunks(beta, copy=True)  # [n, BH, C]
 
@@ -231,7 +242,7 @@ class _ChunkTerms:
         if inplace:
             system.mul_(self.decay).mul_(bc.unsqueeze(-1)).tril_(-1).diagonal(dim1=-2, dim2=-1).fill_(1.0)
         else:
-            system = (system * self.decay * bc.unsqueeze(-1)).tril(-1) + torch.eye(C, device=q.device)
+            system = (system * self.decay * bc.unsqueeze(-1)).tril(-1) + torch.eye(C, dtype=acc, device=q.device)
         eye = torch.eye(C, dtype=system.dtype, device=q.device).expand_as(system)
         t_beta = torch.linalg.solve_triangular(system, eye, upper=False, unitriangular=True)
         self.t_beta = t_beta.mul_(bc.unsqueeze(-2)) if inplace else t_beta * bc.unsqueeze(-2)  # (I+A)^-1 diag(beta)

@@ -1,0 +1,85 @@
+"""Shared test setup: offline hub, the official fixture, real media, tiny models with weights that matter."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("INFINITEVL_SHARED", ROOT.parent / "shared"))
+FIXTURE = SHARED / "fixtures" / "official-tiny"
+MEDIA = SHARED / "media"
+CASES = ("text", "image", "video", "multi")
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_configure(config):
+    if not FIXTURE.exists():
+        raise pytest.UsageError(f"the official fixture is missing at {FIXTURE} (set INFINITEVL_SHARED)")
+
+
+@pytest.fixture(scope="session")
+def fixture_inputs() -> dict[str, dict[str, torch.Tensor]]:
+    raw = load_file(str(FIXTURE / "inputs.safetensors"))
+    return {case: {k.split(".", 1)[1]: v for k, v in raw.items() if k.startswith(case + ".")} for case in CASES}
+
+
+@pytest.fixture(scope="session")
+def fixture_expected() -> dict[str, dict[str, torch.Tensor]]:
+    raw = load_file(str(FIXTURE / "expected.safetensors"))
+    return {case: {k.split(".", 1)[1]: v for k, v in raw.items() if k.startswith(case + ".")} for case in CASES}
+
+
+@pytest.fixture(scope="session")
+def fixture_model():
+    from infinitevl.model import InfiniteVLForConditionalGeneration
+
+    return InfiniteVLForConditionalGeneration.from_pretrained(FIXTURE, dtype=torch.float32)
+
+
+def model_args(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A fixture case's inputs without the test-only `prefill_len`."""
+    return {k: v for k, v in inputs.items() if k != "prefill_len"}
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Weights large enough that every parameter visibly matters (as the official fixture was made): linear
+    weights N(0, 1/fan_in), embeddings N(0, 0.4^2), norm weights 1 + N(0, 0.15^2), biases N(0, 0.1^2), GDN decay
+    parameters spread over slow and fast heads, conv kernels N(0, 0.5^2)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):
+        if name.endswith("A_log"):
+            p.copy_(torch.empty(p.shape).uniform_(0.3, 4.0, generator=gen).log())
+        elif name.endswith("dt_bias"):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.8 - 2.0)
+        elif "conv1d" in name:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        elif p.dim() == 1 and ("norm" in name or "ln_q" in name):
+            p.copy_(1 + torch.randn(p.shape, generator=gen) * 0.15)
+        elif p.dim() == 1:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        elif "embed_tokens" in name:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.4)
+        else:
+            fan_in = math.prod(p.shape[1:])
+            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+    return model
+
+
+def tiny_model(seed: int = 0, **text_overrides):
+    """A random tiny InfiniteVL (fixture-sized by default) in fp32, eval mode."""
+    from infinitevl.config import tiny_config
+    from infinitevl.model import InfiniteVLForConditionalGeneration
+
+    model = InfiniteVLForConditionalGeneration(tiny_config(**text_overrides))
+    return randomize(model, seed).eval()
