@@ -18,12 +18,12 @@ $(STAMP): pyproject.toml requirements/ci.txt
 setup: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check infinitevl tests benchmarks
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check infinitevl tests benchmarks
-	$(PY) -m ruff format --check infinitevl tests benchmarks
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 demo: $(STAMP)
 	$(VENV)/bin/infinitevl stream ../shared/media/mllm_demo/mllm_demo_data/1.mp4 $(DEMO_ARGS)

@@ -63,22 +63,35 @@ def prefill(
     video_embeds: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
     return_all_logits: bool = False,
+    position_ids: torch.Tensor | None = None,
+    next_position: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Append [B, T] tokens (with their vision inputs) to the streams in `state`, `chunk_size` tokens at a time.
 
     Vision features and RoPE positions are computed once for the whole input, so a vision block may straddle
-    chunks. Returns the logits of the last position [B, vocab] (or of every position [B, T, vocab])."""
+    chunks. Explicit `position_ids` [3, B, T] with `next_position` [B] replace the computed ones (live frames
+    placed by their timestamps), and `inputs_embeds` [B, T, d] the embedding (a vision block split between
+    calls). Returns the logits of the last position [B, vocab] (or of every position [B, T, vocab])."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (got {chunk_size})")
     input_ids = input_ids.to(model.device)
     if attention_mask is not None:
         attention_mask = attention_mask.to(model.device)
-    embeds = model.embed(
-        input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, image_embeds, video_embeds
-    )
-    positions, next_position = model.rope_index(
-        input_ids, attention_mask, image_grid_thw, video_grid_thw, second_per_grid_ts, start=state.next_position
-    )
+    if inputs_embeds is None:
+        embeds = model.embed(
+            input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, image_embeds, video_embeds
+        )
+    else:
+        embeds = inputs_embeds.to(model.device)
+    if position_ids is None:
+        positions, next_position = model.rope_index(
+            input_ids, attention_mask, image_grid_thw, video_grid_thw, second_per_grid_ts, start=state.next_position
+        )
+    elif next_position is None:
+        raise ValueError("explicit position_ids need next_position too")
+    else:
+        positions = position_ids.to(model.device)
     T = input_ids.shape[1]
     logits = []
     hidden = None
@@ -145,43 +158,67 @@ class Sampler:
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1).to(logits.device)
 
 
-def generate_tokens(
-    model,
-    state: InfiniteVLState,
-    first_logits: torch.Tensor,
-    params: SamplingParams,
-    decode_text=None,
-    prompt_ids: list[int] | None = None,
-) -> Iterator[int]:
-    """Yield new token ids one by one for a single stream (B = 1), starting from the prompt's last logits.
+class TokenGenerator:
+    """Iterate new token ids one by one for a single stream (B = 1), starting from the prompt's last logits.
 
     Stops at `max_new_tokens`, a stop token (not yielded) or a stop string (needs `decode_text(ids) -> str`; the
-    tokens completing it are not yielded). The state ends holding every yielded token except the last, which is
-    fed only if generation continues, so a caller can append more input right after."""
-    sampler = Sampler(params)
-    history = list(prompt_ids or [])
-    produced: list[int] = []
-    held: list[int] = []  # tokens that might be the start of a stop string
-    logits = first_logits
-    for step in range(params.max_new_tokens):
-        token = int(sampler(logits, [history])[0])
-        if token in params.stop_token_ids:
-            return
-        produced.append(token)
-        history.append(token)
-        if params.stop_strings and decode_text is not None:
-            held.append(token)
-            text = decode_text(produced)
-            if any(s in text for s in params.stop_strings):
+    tokens completing it are not yielded). Afterwards `finish_reason` is "stop" or "length", `produced` holds
+    every generated token (yielded or not) and `unfed` the ones not yet fed into the state: feed them to continue
+    the stream with the answer in it."""
+
+    def __init__(
+        self,
+        model,
+        state: InfiniteVLState,
+        first_logits: torch.Tensor,
+        params: SamplingParams,
+        decode_text=None,
+        prompt_ids: list[int] | None = None,
+    ):
+        self.model, self.state, self.params = model, state, params
+        self.sampler = Sampler(params)
+        self.decode_text = decode_text
+        self.history = list(prompt_ids or [])
+        self.logits = first_logits
+        self.produced: list[int] = []
+        self.fed = 0
+        self.finish_reason: str | None = None
+
+    @property
+    def unfed(self) -> list[int]:
+        return self.produced[self.fed :]
+
+    def __iter__(self) -> Iterator[int]:
+        p = self.params
+        held: list[int] = []  # tokens that might be the start of a stop string
+        for _ in range(p.max_new_tokens):
+            if self.produced and self.fed < len(self.produced):
+                self.logits = decode_step(self.model, self.state, torch.tensor([self.produced[-1]]))
+                self.fed = len(self.produced)
+            token = int(self.sampler(self.logits, [self.history])[0])
+            if token in p.stop_token_ids:
+                self.finish_reason = "stop"
                 return
-            if not any(_is_prefix_of_stop(text, s) for s in params.stop_strings):
-                yield from held
-                held.clear()
-        else:
-            yield token
-        if step + 1 < params.max_new_tokens:
-            logits = decode_step(model, state, torch.tensor([token]))
-    yield from held
+            self.produced.append(token)
+            self.history.append(token)
+            if p.stop_strings and self.decode_text is not None:
+                held.append(token)
+                text = self.decode_text(self.produced)
+                if any(s in text for s in p.stop_strings):
+                    self.finish_reason = "stop"
+                    return
+                if not any(_is_prefix_of_stop(text, s) for s in p.stop_strings):
+                    yield from held
+                    held.clear()
+            else:
+                yield token
+        self.finish_reason = "length"
+        yield from held
+
+
+def generate_tokens(model, state, first_logits, params, decode_text=None, prompt_ids=None) -> Iterator[int]:
+    """Shorthand for iterating a `TokenGenerator`."""
+    return iter(TokenGenerator(model, state, first_logits, params, decode_text, prompt_ids))
 
 
 def _is_prefix_of_stop(text: str, stop: str) -> bool:

@@ -1,0 +1,71 @@
+"""Arguments and helpers shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CliError(RuntimeError):
+    """A user-facing error: printed as one line."""
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="model folder or hub id (default: the model bundled with the package)")
+    g.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="float32",
+        help="weight dtype (float32 on CPUs without bf16 instructions)",
+    )
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    g.add_argument("--chunk-size", type=int, default=2048, help="prefill chunk length in tokens")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=None)
+
+
+def sampling_from(args):
+    from ..engine.generation import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop_strings=tuple(args.stop),
+        seed=args.seed,
+    ).validate()
+
+
+def load_engine(args):
+    from ..engine.runtime import InfiniteVL
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CliError(f"--device {args.device}: CUDA is not available on this machine")
+    engine = InfiniteVL.load(args.model, dtype=DTYPES[args.dtype], device=args.device, chunk_size=args.chunk_size)
+    if engine.untrained:
+        print(
+            "note: this model has random, untrained weights (a stand-in until a trained model is given with "
+            "--model); its answers are meaningless.",
+            file=sys.stderr,
+        )
+    return engine
+
+
+def mb(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.2f} MB"

@@ -1,0 +1,126 @@
+"""`infinitevl stream`: play a video file or a folder of frames into a session as a live stream.
+
+Frames are sampled at --fps and appended one by one with their timestamps; questions scheduled with
+--ask "SECONDS:question" are answered from a branch of the state when the stream reaches that time, without
+disturbing it. The progress bar shows frames per second, tokens seen and the (constant) state size."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from ..processing.media import frames_from_folder, iter_video
+from .common import CliError, add_model_args, add_sampling_args, load_engine, mb, sampling_from
+
+HELP = "stream a video file or a folder of frames, answering scheduled questions"
+
+
+def parse_question(text: str) -> tuple[float, str]:
+    when, sep, question = text.partition(":")
+    try:
+        seconds = float(when)
+    except ValueError:
+        seconds = None
+    if not sep or seconds is None or not question.strip():
+        raise CliError(f"--ask {text!r}: expected SECONDS:question, e.g. '12.5:What is on the table?'")
+    return seconds, question.strip()
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("stream", help=HELP, description=__doc__.split("\n\n", 1)[1])
+    p.add_argument("source", help="video file (mp4, avi, ...) or folder of image frames")
+    p.add_argument("--fps", type=float, default=2.0, help="frames per second taken from the source")
+    p.add_argument("--size", type=int, default=448, help="frame side in pixels, a multiple of 28 (448 = 256 tokens)")
+    p.add_argument("--max-frames", type=int, default=None)
+    p.add_argument(
+        "--ask",
+        action="append",
+        default=[],
+        metavar="SECONDS:QUESTION",
+        help="question to answer when the stream reaches SECONDS (repeatable)",
+    )
+    p.add_argument("--final", default=None, help="question to answer after the last frame")
+    p.add_argument("--realtime", action="store_true", help="pace frames by their timestamps (a live feed)")
+    p.add_argument("--loops", type=int, default=1, help="play the source this many times (a longer stream)")
+    p.add_argument("--load-state", default=None, help="continue a saved stream")
+    p.add_argument("--save-state", default=None, help="write the stream's state here at the end")
+    p.add_argument("--no-progress", action="store_true")
+    add_model_args(p)
+    add_sampling_args(p, max_new_tokens=48)
+    p.set_defaults(func=run)
+
+
+def frames(source: Path, fps: float, max_frames: int | None, loops: int):
+    offset = 0.0
+    count = 0
+    for _ in range(loops):
+        last = 0.0
+        it = frames_from_folder(source, fps) if source.is_dir() else iter_video(source, fps)
+        for frame, t in it:
+            if max_frames is not None and count >= max_frames:
+                return
+            yield frame, offset + t
+            last = t
+            count += 1
+        offset += last + 1.0 / fps
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from ..engine.session import StreamSession
+
+    source = Path(args.source)
+    if not source.exists():
+        raise CliError(f"{source}: no such file or folder")
+    if args.size % 28:
+        raise CliError(f"--size {args.size} is not a multiple of 28")
+    schedule = sorted(parse_question(q) for q in args.ask)
+    sampling = sampling_from(args)
+    engine = load_engine(args)
+    size = (args.size, args.size)
+    if args.load_state:
+        session = StreamSession.restore(
+            args.load_state, engine.model, engine.processor, frame_size=size, chunk_size=args.chunk_size
+        )
+    else:
+        session = engine.session(frame_size=size)
+    print(
+        f"streaming {source} at {args.fps:g} frames/s, {args.size}x{args.size} per frame; "
+        f"state {mb(session.stats.state_bytes)}",
+        file=sys.stderr,
+    )
+    # a resumed stream continues after its last frame: the new source's clock starts there
+    offset = session.segment.last_time + 1.0 / args.fps if session.segment is not None else 0.0
+    bar = tqdm(total=args.max_frames, unit="frame", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
+    start_wall = time.perf_counter()
+    sizes = set()
+    for frame, t in frames(source, args.fps, args.max_frames, args.loops):
+        if args.realtime:
+            delay = t - (time.perf_counter() - start_wall)
+            if delay > 0:
+                time.sleep(delay)
+        while schedule and schedule[0][0] <= t:
+            when, question = schedule.pop(0)
+            answer = session.ask(question, sampling)
+            bar.write(f"[{when:7.2f}s] Q: {question}\n           A: {answer}")
+        session.append_frame(frame, offset + t)
+        sizes.add(session.stats.state_bytes)
+        s = session.stats
+        bar.set_postfix_str(f"{s.recent_fps:.1f} frames/s, {s.tokens} tokens, state {mb(s.state_bytes)}")
+        bar.update(1)
+    bar.close()
+    for when, question in schedule + ([(None, args.final)] if args.final else []):
+        answer = session.ask(question, sampling)
+        label = "end" if when is None else f"{when:.2f}s"
+        print(f"[{label:>7}] Q: {question}\n           A: {answer}")
+    s = session.stats
+    wall = time.perf_counter() - start_wall
+    print(
+        f"done: {s.frames} frames, {s.tokens} tokens in {wall:.1f} s ({s.frames / max(wall, 1e-9):.2f} frames/s "
+        f"overall); state size {mb(s.state_bytes)}, {'constant' if len(sizes) <= 1 else 'CHANGED'} throughout"
+    )
+    if args.save_state:
+        print(f"state saved to {session.save(args.save_state)}")
+    return 0

@@ -1,0 +1,70 @@
+"""Where the default model comes from: the small checkpoint bundled with the package, else an untrained stand-in.
+
+The stand-in is a tiny model with random weights, built from a config on first use and cached; everything that
+prints its answers says that they are untrained.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+BUNDLED = Path(__file__).parent / "assets" / "default-model"
+UNTRAINED_NOTE = "infinitevl_untrained"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("INFINITEVL_CACHE", Path.home() / ".cache" / "infinitevl"))
+
+
+def default_model_folder() -> Path:
+    if (BUNDLED / "config.json").exists():
+        return BUNDLED
+    folder = cache_dir() / "untrained-tiny"
+    if not (folder / "config.json").exists():
+        make_untrained_model(folder)
+    return folder
+
+
+def make_untrained_model(folder: str | Path, seed: int = 0, **text_overrides) -> Path:
+    """A tiny InfiniteVL with random weights, a byte-level tokenizer and a processor config, in the official
+    folder layout. Its config carries a note that it is untrained."""
+    from .config import tiny_config
+    from .model import InfiniteVLForConditionalGeneration
+    from .processing.processor import Processor
+
+    folder = Path(folder)
+    config = tiny_config(**text_overrides)
+    config.extra[UNTRAINED_NOTE] = True
+    model = InfiniteVLForConditionalGeneration.from_config(config, dtype=torch.float32, seed=seed)
+    tmp = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(tmp)
+    tokenizer = tiny_tokenizer(config)
+    Processor(tokenizer, config, min_pixels=56 * 56, max_pixels=448 * 448).save_pretrained(tmp)
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+def tiny_tokenizer(config):
+    """The byte-level tokenizer matching `config.tiny_config()`'s special-token ids (<|im_start|> at 375)."""
+    from .processing.tokenizer import byte_level_tokenizer
+
+    ids = {
+        k: getattr(config, k)
+        for k in (
+            "image_token_id",
+            "video_token_id",
+            "vision_start_token_id",
+            "vision_end_token_id",
+            "vision_token_id",
+            "bos_token_id",
+            "eos_token_id",
+        )
+    }
+    return byte_level_tokenizer(config.text.vocab_size, ids, im_start_id=375)

@@ -1,0 +1,100 @@
+"""The engine in one object: a model, its processor, and the ways to use them (one-shot generation, sessions).
+
+engine = InfiniteVL.load("path/to/InfiniteVL")
+print(engine.generate([{"role": "user", "content": "Hello"}]).text)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..model import InfiniteVLForConditionalGeneration
+from ..processing.processor import Processor
+from .generation import DEFAULT_CHUNK, SamplingParams, TokenGenerator, prefill
+from .session import DEFAULT_SYSTEM, StreamSession
+from .text import TextStreamer
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str
+
+
+class InfiniteVL:
+    def __init__(
+        self, model: InfiniteVLForConditionalGeneration, processor: Processor, chunk_size: int = DEFAULT_CHUNK
+    ):
+        self.model = model
+        self.processor = processor
+        self.chunk_size = chunk_size
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        chunk_size: int = DEFAULT_CHUNK,
+    ) -> InfiniteVL:
+        """A model folder (or hub id); None: the default model that ships with the package."""
+        from ..checkpoint import resolve
+        from ..defaults import default_model_folder
+
+        folder = default_model_folder() if path is None else resolve(path)
+        model = InfiniteVLForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device)
+        return cls(model, Processor.from_pretrained(folder, model.config), chunk_size)
+
+    @property
+    def untrained(self) -> bool:
+        """Whether the model folder says its weights are random (the demo's stand-in)."""
+        return bool(self.model.config.extra.get("infinitevl_untrained"))
+
+    def session(self, system_prompt: str | None = DEFAULT_SYSTEM, **kwargs) -> StreamSession:
+        return StreamSession(self.model, self.processor, system_prompt, chunk_size=self.chunk_size, **kwargs)
+
+    def start(self, messages: list[dict], sampling: SamplingParams) -> tuple[TokenGenerator, int]:
+        """Prefill a chat and return a token generator over its answer, with the prompt length."""
+        sampling.validate()
+        prompt = self.processor.prompt(messages)
+        state = self.model.new_state()
+        logits = prefill(self.model, state, prompt.input_ids, chunk_size=self.chunk_size, **_vision(prompt))
+        stops = tuple(set(sampling.stop_token_ids) | set(self.model.config.eos_token_ids))
+        params = SamplingParams(**{**sampling.__dict__, "stop_token_ids": stops})
+        gen = TokenGenerator(
+            self.model,
+            state,
+            logits,
+            params,
+            decode_text=self.processor.decode,
+            prompt_ids=prompt.input_ids[0].tolist(),
+        )
+        return gen, prompt.input_ids.shape[1]
+
+    def generate_stream(self, messages: list[dict], sampling: SamplingParams | None = None) -> Iterator[str]:
+        gen, _ = self.start(messages, sampling or SamplingParams())
+        streamer = TextStreamer(self.processor)
+        for token in gen:
+            piece = streamer.push(token)
+            if piece:
+                yield piece
+        tail = streamer.flush()
+        if tail:
+            yield tail
+
+    def generate(self, messages: list[dict], sampling: SamplingParams | None = None) -> Completion:
+        gen, n_prompt = self.start(messages, sampling or SamplingParams())
+        ids = list(gen)
+        return Completion(self.processor.decode(ids), ids, n_prompt, gen.finish_reason or "length")
+
+
+def _vision(prompt) -> dict:
+    inputs = prompt.model_inputs()
+    inputs.pop("input_ids")
+    return inputs

@@ -1,0 +1,291 @@
+"""Streaming sessions: a conversation that never ends, fed text, images, videos and live frames in constant memory.
+
+The stream is one open user turn of a ChatML conversation. Live frames form video segments: each frame is one
+temporal step of 256 tokens (at 448x448) whose temporal RoPE index comes from its timestamp, t = s0 +
+floor((timestamp - first timestamp) * tokens_per_second), as Qwen2.5-VL numbers the frames of a video; a segment is
+closed by `<|vision_end|>` when other input follows. `ask` answers from a copy of the state (a branch), so the stream
+itself is never disturbed. Media is decoded completely before the state is touched: a frame or file that fails to
+decode raises `MediaError` and leaves the session exactly as it was.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..processing.media import MediaError
+from ..processing.processor import Processor, VisionInput
+from ..state import InfiniteVLState
+from .generation import DEFAULT_CHUNK, SamplingParams, TokenGenerator, prefill
+from .text import TextStreamer
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+@dataclass
+class SessionStats:
+    tokens: int = 0  # tokens in the stream (state.num_tokens)
+    frames: int = 0  # live frames appended
+    images: int = 0
+    videos: int = 0
+    questions: int = 0
+    state_bytes: int = 0
+    ingest_seconds: float = 0.0  # wall time spent appending
+    recent_fps: float = 0.0  # frames per second over the last appended frames
+    _frame_times: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.ingest_seconds if self.ingest_seconds else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "frames": self.frames,
+            "images": self.images,
+            "videos": self.videos,
+            "questions": self.questions,
+            "state_bytes": self.state_bytes,
+            "ingest_seconds": round(self.ingest_seconds, 4),
+            "tokens_per_second": round(self.tokens_per_second, 2),
+            "recent_fps": round(self.recent_fps, 3),
+        }
+
+
+@dataclass
+class _Segment:
+    """An open run of live frames: its RoPE block start, first timestamp and last temporal index."""
+
+    start: int
+    first_time: float
+    last_time: float
+    last_t: int
+
+
+class StreamSession:
+    def __init__(
+        self,
+        model,
+        processor: Processor,
+        system_prompt: str | None = DEFAULT_SYSTEM,
+        chunk_size: int = DEFAULT_CHUNK,
+        frame_size: tuple[int, int] | None = (448, 448),
+        state: InfiniteVLState | None = None,
+    ):
+        self.model = model
+        self.processor = processor
+        self.chunk_size = chunk_size
+        self.frame_size = frame_size
+        self.stats = SessionStats()
+        self.segment: _Segment | None = None
+        self.state = state if state is not None else model.new_state()
+        if state is None:
+            system = f"<|im_start|>system\n{system_prompt}<|im_end|>\n" if system_prompt else ""
+            self._feed_text(system + "<|im_start|>user\n")
+        self._refresh()
+
+    # -- appending ---------------------------------------------------------------------------------------------------
+    def append_text(self, text: str) -> int:
+        """Append plain text to the stream (closes an open frame segment first). Returns tokens appended."""
+        ids = self._close_segment_ids() + self.processor.tokenize(text)
+        return self._timed(lambda: self._prefill(ids), closes_segment=True)
+
+    def append_image(self, image) -> int:
+        vision = self.processor.encode_image(image)  # decoded before anything changes
+        n = self._append_block(vision)
+        self.stats.images += 1
+        return n
+
+    def append_video(self, video, fps: float = 2.0, max_frames: int = 768) -> int:
+        """A whole video file (or a list of frames) as one block, Qwen2.5-VL style (frame pairs)."""
+        if isinstance(video, (list, tuple)):
+            vision = self.processor.encode_frames(video, fps)
+        else:
+            vision = self.processor.encode_video(video, fps=fps, max_frames=max_frames)
+        n = self._append_block(vision)
+        self.stats.videos += 1
+        return n
+
+    def append_frame(self, frame, timestamp: float) -> int:
+        """One live frame at `timestamp` seconds (non-decreasing within the stream)."""
+        vision = self.processor.encode_frame(frame, timestamp, self.frame_size)
+        seg = self.segment
+        if seg is not None and timestamp < seg.last_time:
+            raise MediaError(
+                f"frame timestamp {timestamp:.3f} s is earlier than the previous one ({seg.last_time:.3f} s)"
+            )
+        c = self.model.config
+        opening = seg is None
+        ids = ([c.vision_start_token_id] if opening else []) + [c.video_token_id] * vision.num_tokens
+        start = int(self.state.next_position[0])
+        block_start = start + 1 if opening else seg.start
+        first_time = timestamp if opening else seg.first_time
+        t_index = block_start + int((timestamp - first_time) * c.vision.tokens_per_second)
+        if not opening:
+            t_index = max(t_index, seg.last_t)
+        _, gh, gw = (int(x) for x in vision.grid_thw[0])
+        m = c.vision.spatial_merge_size
+        lh, lw = gh // m, gw // m
+        rows = torch.arange(lh).view(-1, 1).expand(lh, lw).reshape(-1) + block_start
+        cols = torch.arange(lw).view(1, -1).expand(lh, lw).reshape(-1) + block_start
+        frame_pos = torch.stack([torch.full_like(rows, t_index), rows, cols])
+        if opening:
+            frame_pos = torch.cat([torch.full((3, 1), start), frame_pos], dim=1)
+        next_position = max(start, int(frame_pos.max()) + 1)
+
+        def run():
+            self._prefill(
+                ids, video=vision, position_ids=frame_pos.unsqueeze(1), next_position=torch.tensor([next_position])
+            )
+
+        n = self._timed(run)
+        self.segment = _Segment(block_start, first_time, timestamp, t_index)
+        self.stats.frames += 1
+        now = time.perf_counter()
+        self.stats._frame_times = (self.stats._frame_times + [now])[-30:]
+        times = self.stats._frame_times
+        if len(times) > 1:
+            self.stats.recent_fps = (len(times) - 1) / (times[-1] - times[0])
+        return n
+
+    def append_frames(self, frames: Iterable[tuple[object, float]]) -> int:
+        return sum(self.append_frame(f, t) for f, t in frames)
+
+    # -- questions ---------------------------------------------------------------------------------------------------
+    def ask_stream(self, question: str, sampling: SamplingParams | None = None) -> Iterator[str]:
+        """Answer from a branch of the state, as text pieces; the stream is left bit-identical."""
+        sampling = sampling or SamplingParams(max_new_tokens=64)
+        branch = self.state.clone()
+        ids = self._close_segment_ids() + self.processor.tokenize(f"{question}<|im_end|>\n<|im_start|>assistant\n")
+        logits = prefill(self.model, branch, torch.tensor([ids]), chunk_size=self.chunk_size)
+        stops = tuple(set(sampling.stop_token_ids) | set(self.model.config.eos_token_ids))
+        params = SamplingParams(**{**sampling.__dict__, "stop_token_ids": stops})
+        streamer = TextStreamer(self.processor)
+        self.stats.questions += 1
+        for token in TokenGenerator(self.model, branch, logits, params, decode_text=self.processor.decode):
+            piece = streamer.push(token)
+            if piece:
+                yield piece
+        tail = streamer.flush()
+        if tail:
+            yield tail
+
+    def ask(self, question: str, sampling: SamplingParams | None = None) -> str:
+        return "".join(self.ask_stream(question, sampling))
+
+    def chat(self, message: str, sampling: SamplingParams | None = None, images=()) -> str:
+        """A multi-turn exchange committed to the stream: the question and the answer become part of it."""
+        for image in images:
+            self.append_image(image)
+        ids = self._close_segment_ids() + self.processor.tokenize(f"{message}<|im_end|>\n<|im_start|>assistant\n")
+        logits = self._prefill(ids)
+        self.segment = None
+        sampling = sampling or SamplingParams(max_new_tokens=128)
+        stops = tuple(set(sampling.stop_token_ids) | set(self.model.config.eos_token_ids))
+        params = SamplingParams(**{**sampling.__dict__, "stop_token_ids": stops})
+        gen = TokenGenerator(self.model, self.state, logits, params, decode_text=self.processor.decode)
+        answer_ids = list(gen)
+        # commit the answer: its unfed tokens, the end of the turn, and the next user turn
+        self._feed_ids(gen.unfed + self.processor.tokenize("<|im_end|>\n<|im_start|>user\n"))
+        self.stats.questions += 1
+        self._refresh()
+        return self.processor.decode(answer_ids)
+
+    # -- snapshots ---------------------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        seg = self.segment
+        meta = {
+            "segment": "" if seg is None else f"{seg.start},{seg.first_time},{seg.last_time},{seg.last_t}",
+            "frames": str(self.stats.frames),
+        }
+        return self.state.save(path, extra=meta)
+
+    @classmethod
+    def restore(cls, path: str | Path, model, processor: Processor, **kwargs) -> StreamSession:
+        state = InfiniteVLState.load(path, model.config, device=model.device)
+        state = _to_dtype(state, model.dtype)
+        session = cls(model, processor, state=state, **kwargs)
+        meta = InfiniteVLState.read_metadata(path)
+        if meta.get("segment"):
+            s, ft, lt, t = meta["segment"].split(",")
+            session.segment = _Segment(int(s), float(ft), float(lt), int(t))
+        session.stats.frames = int(meta.get("frames", 0))
+        return session
+
+    # -- internals -----------------------------------------------------------------------------------------------------
+    def _close_segment_ids(self) -> list[int]:
+        return [self.model.config.vision_end_token_id] if self.segment is not None else []
+
+    def _append_block(self, vision: VisionInput) -> int:
+        c = self.model.config
+        pad = c.image_token_id if vision.kind == "image" else c.video_token_id
+        ids = (
+            self._close_segment_ids() + [c.vision_start_token_id] + [pad] * vision.num_tokens + [c.vision_end_token_id]
+        )
+        return self._timed(
+            lambda: self._prefill(
+                ids, image=vision if vision.kind == "image" else None, video=vision if vision.kind == "video" else None
+            ),
+            closes_segment=True,
+        )
+
+    def _timed(self, fn, closes_segment: bool = False) -> int:
+        before = int(self.state.num_tokens[0])
+        t0 = time.perf_counter()
+        fn()
+        self.stats.ingest_seconds += time.perf_counter() - t0
+        if closes_segment:
+            self.segment = None
+        self._refresh()
+        return int(self.state.num_tokens[0]) - before
+
+    def _prefill(
+        self,
+        ids: list[int],
+        image: VisionInput | None = None,
+        video: VisionInput | None = None,
+        position_ids=None,
+        next_position=None,
+    ) -> torch.Tensor:
+        kwargs = {}
+        if image is not None:
+            kwargs.update(pixel_values=image.pixel_values, image_grid_thw=image.grid_thw)
+        if video is not None:
+            kwargs.update(
+                pixel_values_videos=video.pixel_values,
+                video_grid_thw=video.grid_thw,
+                second_per_grid_ts=[video.second_per_grid or 1.0],
+            )
+        return prefill(
+            self.model,
+            self.state,
+            torch.tensor([ids]),
+            chunk_size=self.chunk_size,
+            position_ids=position_ids,
+            next_position=next_position,
+            **kwargs,
+        )
+
+    def _feed_text(self, text: str) -> None:
+        self._feed_ids(self.processor.tokenize(text))
+
+    def _feed_ids(self, ids: list[int]) -> None:
+        if ids:
+            self._prefill(ids)
+
+    def _refresh(self) -> None:
+        self.stats.tokens = int(self.state.num_tokens[0])
+        self.stats.state_bytes = self.state.nbytes
+
+
+def _to_dtype(state: InfiniteVLState, dtype: torch.dtype) -> InfiniteVLState:
+    """Snapshots keep their dtype; a model in another dtype gets the non-memory tensors converted."""
+    for layer in state.layers:
+        for name, t in layer.tensors().items():
+            if t.is_floating_point() and name != "memory" and t.dtype != dtype:
+                setattr(layer, name, t.to(dtype))
+    return state

@@ -1,0 +1,292 @@
+"""Turning chats, images, videos and live frames into model inputs, as the stock Qwen2.5-VL processor does.
+
+Images are resized to multiples of 28 within [min_pixels, max_pixels] by transformers' PIL image processor and
+flattened to the patch layout the vision tower reads (one row per 14x14 patch, channel-major, two temporal slots).
+Videos are frame pairs: the two temporal slots of a row come from consecutive sampled frames. A live frame is a
+one-step video (the frame fills both slots), 256 tokens at 448x448. Placeholders `<|image_pad|>` / `<|video_pad|>`
+in the rendered chat are expanded to one token per merged 28x28 patch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..config import InfiniteVLConfig
+from .media import MediaError, VideoFrames, load_image, read_video
+from .tokenizer import load_tokenizer
+
+# qwen-vl-utils' video budget, per frame and in total
+VIDEO_MIN_PIXELS = 128 * 28 * 28
+VIDEO_MAX_PIXELS = 768 * 28 * 28
+VIDEO_TOTAL_PIXELS = 24576 * 28 * 28
+
+
+@dataclass
+class VisionInput:
+    """One image or video, ready for the vision tower."""
+
+    kind: str  # "image" or "video"
+    pixel_values: torch.Tensor  # [n_patches, 3 * 2 * 14 * 14]
+    grid_thw: torch.Tensor  # [1, 3]
+    second_per_grid: float | None = None  # videos: seconds between temporal grid steps
+    timestamps: list[float] = field(default_factory=list)  # videos: time of the first frame of each grid step
+
+    @property
+    def num_tokens(self) -> int:
+        t, h, w = (int(x) for x in self.grid_thw[0])
+        return t * h * w // 4
+
+
+@dataclass
+class Prompt:
+    """Token ids with placeholders expanded, and the vision inputs in order."""
+
+    input_ids: torch.Tensor  # [1, T]
+    images: list[VisionInput] = field(default_factory=list)
+    videos: list[VisionInput] = field(default_factory=list)
+
+    def model_inputs(self) -> dict:
+        out: dict = {"input_ids": self.input_ids}
+        if self.images:
+            out["pixel_values"] = torch.cat([v.pixel_values for v in self.images])
+            out["image_grid_thw"] = torch.cat([v.grid_thw for v in self.images])
+        if self.videos:
+            out["pixel_values_videos"] = torch.cat([v.pixel_values for v in self.videos])
+            out["video_grid_thw"] = torch.cat([v.grid_thw for v in self.videos])
+            out["second_per_grid_ts"] = torch.tensor([v.second_per_grid for v in self.videos])
+        return out
+
+
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280
+) -> tuple[int, int]:
+    """Qwen2-VL's rule: sides multiples of `factor`, area within [min_pixels, max_pixels], aspect kept."""
+    if max(height, width) / min(height, width) > 200:
+        raise MediaError(f"aspect ratio of {width}x{height} exceeds 200")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+class Processor:
+    def __init__(
+        self,
+        tokenizer,
+        config: InfiniteVLConfig,
+        min_pixels: int = 56 * 56,
+        max_pixels: int = 28 * 28 * 1280,
+        image_mean=None,
+        image_std=None,
+    ):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        self.tokenizer = tokenizer
+        self.config = config
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        v = config.vision
+        self.factor = v.patch_size * v.spatial_merge_size
+        kwargs = {
+            "patch_size": v.patch_size,
+            "merge_size": v.spatial_merge_size,
+            "temporal_patch_size": v.temporal_patch_size,
+        }
+        if image_mean is not None:
+            kwargs.update(image_mean=image_mean, image_std=image_std)
+        self._image_processor = Qwen2VLImageProcessorPil(**kwargs)
+        self.image_token = tokenizer.convert_ids_to_tokens(config.image_token_id)
+        self.video_token = tokenizer.convert_ids_to_tokens(config.video_token_id)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, config: InfiniteVLConfig | None = None) -> Processor:
+        folder = Path(folder)
+        config = config or InfiniteVLConfig.from_file(folder)
+        pre = {}
+        if (folder / "preprocessor_config.json").exists():
+            pre = json.loads((folder / "preprocessor_config.json").read_text())
+        size = pre.get("size") or {}
+        return cls(
+            load_tokenizer(folder),
+            config,
+            min_pixels=pre.get("min_pixels", size.get("shortest_edge", 56 * 56)),
+            max_pixels=pre.get("max_pixels", size.get("longest_edge", 28 * 28 * 1280)),
+            image_mean=pre.get("image_mean"),
+            image_std=pre.get("image_std"),
+        )
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        self.tokenizer.save_pretrained(str(folder))
+        (folder / "preprocessor_config.json").write_text(
+            json.dumps(
+                {
+                    "min_pixels": self.min_pixels,
+                    "max_pixels": self.max_pixels,
+                    "patch_size": self.config.vision.patch_size,
+                    "temporal_patch_size": self.config.vision.temporal_patch_size,
+                    "merge_size": self.config.vision.spatial_merge_size,
+                    "image_mean": list(self._image_processor.image_mean),
+                    "image_std": list(self._image_processor.image_std),
+                    "image_processor_type": "Qwen2VLImageProcessor",
+                    "processor_class": "Qwen2_5_VLProcessor",
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+
+    # -- vision ---------------------------------------------------------------------------------------------------
+    def _patches(self, image: Image.Image, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch rows [N, 1176] (the frame in both temporal slots) and grid [1, 3] for an image resized exactly."""
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling.BICUBIC)
+        out = self._image_processor(images=[image], do_resize=False, return_tensors="pt")
+        return out["pixel_values"].float(), out["image_grid_thw"]
+
+    def encode_image(self, image, min_pixels: int | None = None, max_pixels: int | None = None) -> VisionInput:
+        image = load_image(image)
+        h, w = smart_resize(
+            image.height, image.width, self.factor, min_pixels or self.min_pixels, max_pixels or self.max_pixels
+        )
+        pixels, grid = self._patches(image, h, w)
+        return VisionInput("image", pixels, grid)
+
+    def frame_size(self, image: Image.Image, max_pixels: int) -> tuple[int, int]:
+        return smart_resize(image.height, image.width, self.factor, min(VIDEO_MIN_PIXELS, max_pixels), max_pixels)
+
+    def encode_frame(self, frame, timestamp: float = 0.0, size: tuple[int, int] | None = None) -> VisionInput:
+        """One live frame as a one-step video (both temporal slots hold it). `size` (h, w) fixes the resolution,
+        e.g. (448, 448) for 256 tokens per frame."""
+        frame = load_image(frame)
+        h, w = size or self.frame_size(frame, VIDEO_MAX_PIXELS)
+        if h % self.factor or w % self.factor:
+            raise MediaError(f"frame size {h}x{w} is not a multiple of {self.factor}")
+        pixels, grid = self._patches(frame, h, w)
+        return VisionInput("video", pixels, grid, second_per_grid=None, timestamps=[timestamp])
+
+    def encode_frames(
+        self,
+        frames: Sequence[Image.Image],
+        fps: float,
+        timestamps: Sequence[float] | None = None,
+        max_pixels: int | None = None,
+    ) -> VisionInput:
+        """A video from sampled frames: consecutive pairs share a row (an odd last frame is repeated)."""
+        frames = [load_image(f) for f in frames]
+        if not frames:
+            raise MediaError("a video needs at least one frame")
+        tps = self.config.vision.temporal_patch_size
+        if max_pixels is None:
+            per_frame = VIDEO_TOTAL_PIXELS / len(frames) * tps
+            max_pixels = max(min(VIDEO_MAX_PIXELS, per_frame), int(VIDEO_MIN_PIXELS * 1.05))
+        h, w = self.frame_size(frames[0], int(max_pixels))
+        if len(frames) % tps:
+            frames = frames + [frames[-1]] * (tps - len(frames) % tps)
+        stamps = list(timestamps) if timestamps is not None else [i / fps for i in range(len(frames))]
+        stamps += [stamps[-1]] * (len(frames) - len(stamps))
+        rows = [self._patches(f, h, w)[0].view(-1, 3, tps, 14 * 14) for f in frames]
+        steps = []
+        for s in range(0, len(frames), tps):
+            slots = [rows[s + j][:, :, j] for j in range(tps)]  # slot j of each row from frame s + j
+            steps.append(torch.stack(slots, dim=2).reshape(rows[s].shape[0], -1))
+        grid = torch.tensor([[len(frames) // tps, h // 14, w // 14]])
+        return VisionInput("video", torch.cat(steps), grid, second_per_grid=tps / fps, timestamps=stamps[::tps])
+
+    def encode_video(
+        self,
+        video: str | Path | VideoFrames,
+        fps: float = 2.0,
+        max_frames: int = 768,
+        max_pixels: int | None = None,
+        max_duration: float | None = None,
+    ) -> VisionInput:
+        if not isinstance(video, VideoFrames):
+            video = read_video(video, fps=fps, max_frames=max_frames, max_duration=max_duration)
+        return self.encode_frames(video.frames, video.fps, video.timestamps, max_pixels)
+
+    # -- text -------------------------------------------------------------------------------------------------------
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The chat as text with one placeholder per image / video (the tokenizer's chat template)."""
+        normalized = []
+        for m in messages:
+            content = m["content"]
+            if not isinstance(content, str):
+                content = [
+                    c if c.get("type") in ("image", "video", "text") else {"type": "text", "text": str(c)}
+                    for c in content
+                ]
+            normalized.append({"role": m["role"], "content": content})
+        return self.tokenizer.apply_chat_template(
+            normalized, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def expand(self, ids: list[int], images: Sequence[VisionInput], videos: Sequence[VisionInput]) -> list[int]:
+        """Replace each single image/video placeholder by as many as the item has tokens."""
+        c = self.config
+        n_img = sum(1 for i in ids if i == c.image_token_id)
+        n_vid = sum(1 for i in ids if i == c.video_token_id)
+        if n_img != len(images) or n_vid != len(videos):
+            raise ValueError(
+                f"the text has {n_img} image and {n_vid} video placeholders but {len(images)} images "
+                f"and {len(videos)} videos were given"
+            )
+        out, it_img, it_vid = [], iter(images), iter(videos)
+        for i in ids:
+            if i == c.image_token_id:
+                out.extend([i] * next(it_img).num_tokens)
+            elif i == c.video_token_id:
+                out.extend([i] * next(it_vid).num_tokens)
+            else:
+                out.append(i)
+        return out
+
+    def prompt(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        video_fps: float = 2.0,
+        video_max_frames: int = 768,
+    ) -> Prompt:
+        """Render, tokenize and expand a chat whose content items may carry images and videos:
+        {"type": "image", "image": path | bytes | PIL}, {"type": "video", "video": path | [frames]}."""
+        images, videos = [], []
+        for m in messages:
+            if isinstance(m["content"], str):
+                continue
+            for item in m["content"]:
+                if item.get("type") == "image":
+                    images.append(
+                        item["image"] if isinstance(item["image"], VisionInput) else self.encode_image(item["image"])
+                    )
+                elif item.get("type") == "video":
+                    v = item["video"]
+                    if isinstance(v, VisionInput):
+                        videos.append(v)
+                    elif isinstance(v, (list, tuple)):
+                        videos.append(self.encode_frames(v, item.get("fps", video_fps)))
+                    else:
+                        videos.append(
+                            self.encode_video(v, item.get("fps", video_fps), item.get("max_frames", video_max_frames))
+                        )
+        ids = self.expand(self.tokenize(self.render(messages, add_generation_prompt)), images, videos)
+        return Prompt(torch.tensor([ids]), images, videos)
