@@ -83,3 +83,13 @@ def test_left_padding_leaves_every_row_unchanged(model, fixture_inputs):
         alone_image = model(**image).logits
     assert (batched[0, L - 45 :] - alone_text[0]).abs().max() < 1e-4
     assert (batched[1] - alone_image[0]).abs().max() < 1e-4
+
+
+def test_vision_feature_count_must_match_placeholders(model, fixture_inputs):
+    from infinitevl.model.rope import VisionGridError
+
+    args = dict(model_args(fixture_inputs["image"]))
+    args["pixel_values"] = args["pixel_values"][:80]  # 20 merged tokens for 24 placeholders
+    args["image_grid_thw"] = torch.tensor([[1, 8, 10]])
+    with pytest.raises(VisionGridError, match="24 image placeholder tokens but the image inputs give 20"):
+        model(**args)
