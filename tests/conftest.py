@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -51,29 +50,11 @@ def model_args(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in inputs.items() if k != "prefill_len"}
 
 
-@torch.no_grad()
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Weights large enough that every parameter visibly matters (as the official fixture was made): linear
-    weights N(0, 1/fan_in), embeddings N(0, 0.4^2), norm weights 1 + N(0, 0.15^2), biases N(0, 0.1^2), GDN decay
-    parameters spread over slow and fast heads, conv kernels N(0, 0.5^2)."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in sorted(model.named_parameters()):
-        if name.endswith("A_log"):
-            p.copy_(torch.empty(p.shape).uniform_(0.3, 4.0, generator=gen).log())
-        elif name.endswith("dt_bias"):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.8 - 2.0)
-        elif "conv1d" in name:
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-        elif p.dim() == 1 and ("norm" in name or "ln_q" in name):
-            p.copy_(1 + torch.randn(p.shape, generator=gen) * 0.15)
-        elif p.dim() == 1:
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-        elif "embed_tokens" in name:
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.4)
-        else:
-            fan_in = math.prod(p.shape[1:])
-            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
-    return model
+    """Weights large enough that every parameter visibly matters (see `spread_init`)."""
+    from infinitevl.model.init import spread_init
+
+    return spread_init(model, seed)
 
 
 def tiny_model(seed: int = 0, **text_overrides):

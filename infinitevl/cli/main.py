@@ -6,9 +6,9 @@ import argparse
 import os
 import sys
 
-from . import chat, generate, state, stream
+from . import chat, convert, evaluate, generate, merge, state, stream, train
 
-SUBCOMMANDS = [generate, chat, stream, state]
+SUBCOMMANDS = [generate, chat, stream, state, convert, train, merge, evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:

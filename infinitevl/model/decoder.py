@@ -83,14 +83,16 @@ class InfiniteVLTextModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         state: InfiniteVLState | None = None,
         output_hidden_states: bool = False,
+        segment_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """inputs_embeds [B, T, d], position_ids [3, B, T] -> (normed hidden [B, T, d], per-layer hiddens).
 
         With `state`, the tokens continue that stream and the state is updated in place (its RoPE index and token
-        count are advanced by the caller, which knows the vision layout)."""
+        count are advanced by the caller, which knows the vision layout). `segment_ids` [B, T] packs several samples
+        per row (training): no attention, memory or conv history crosses between them."""
         B, T, _ = inputs_embeds.shape
         past = state.num_tokens if state is not None else None
-        layout = TokenLayout.build(attention_mask, B, T, inputs_embeds.device, past)
+        layout = TokenLayout.build(attention_mask, B, T, inputs_embeds.device, past, segment_ids)
         c = self.config
         cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section, inputs_embeds.dtype)
         x = inputs_embeds

@@ -100,6 +100,8 @@ class GatedDeltaNet(nn.Module):
                 use_qk_l2norm=True,
                 inplace=True,
             )
+        elif layout.segments is not None:
+            o = self._per_sample(projected, convs, g, beta, layout)
         else:
             tails = (state.conv_q, state.conv_k, state.conv_v) if state is not None else (None, None, None)
             results = [
@@ -126,3 +128,28 @@ class GatedDeltaNet(nn.Module):
         gate = self.g_proj(x).view(B, T, H, Dv)
         o = self.o_norm(o.to(x.dtype), gate)
         return self.o_proj(o.reshape(B, T, H * Dv))
+
+    def _per_sample(self, projected, convs, g, beta, layout: TokenLayout) -> torch.Tensor:
+        """Packed rows: every sample gets its own conv history and memory, both starting from zero."""
+        B, T, _ = projected[0].shape
+        H, KVh, Dk, Dv = self.num_heads, self.num_kv_heads, self.head_k_dim, self.head_v_dim
+        rows: list[list[torch.Tensor]] = [[] for _ in range(B)]
+        filled = [0] * B
+        for b, s, e in layout.spans():
+            if s > filled[b]:  # padding between samples gives zeros
+                rows[b].append(projected[2].new_zeros(1, s - filled[b], H, Dv))
+            q, k, v = (causal_conv1d(p[b : b + 1, s:e], c.weight)[0] for p, c in zip(projected, convs))
+            o, _ = backend.gated_delta_rule(
+                q.view(1, e - s, H, Dk),
+                k.view(1, e - s, KVh, Dk),
+                v.view(1, e - s, KVh, Dv),
+                g[b : b + 1, s:e],
+                beta[b : b + 1, s:e],
+                use_qk_l2norm=True,
+            )
+            rows[b].append(o.to(projected[2].dtype))
+            filled[b] = e
+        for b in range(B):
+            if filled[b] < T:
+                rows[b].append(projected[2].new_zeros(1, T - filled[b], H, Dv))
+        return torch.cat([torch.cat(r, dim=1) for r in rows], dim=0)

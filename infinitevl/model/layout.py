@@ -10,12 +10,26 @@ import torch
 @dataclass
 class TokenLayout:
     """positions [B, T]: stream position of each token (-1 for padding); valid [B, T] bool or None (no padding);
-    num_left_pad [B] or None. Padding must be on the left when a state is carried (the engine's convention);
-    without a state, padding anywhere is masked out."""
+    num_left_pad [B] or None; segments [B, T] or None: packed training rows, the id of the sample each token belongs
+    to (-1 for padding) — nothing crosses from one sample to another. Padding must be on the left when a state is
+    carried (the engine's convention); without a state, padding anywhere is masked out."""
 
     positions: torch.Tensor
     valid: torch.Tensor | None
     num_left_pad: torch.Tensor | None
+    segments: torch.Tensor | None = None
+
+    def spans(self) -> list[tuple[int, int, int]]:
+        """(row, start, end) of every packed sample (runs of one segment id >= 0)."""
+        out = []
+        for b, row in enumerate(self.segments.tolist()):
+            start = 0
+            for i in range(1, len(row) + 1):
+                if i == len(row) or row[i] != row[start]:
+                    if row[start] >= 0:
+                        out.append((b, start, i))
+                    start = i
+        return out
 
     @classmethod
     def build(
@@ -25,7 +39,14 @@ class TokenLayout:
         length: int,
         device: torch.device,
         past_tokens: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> TokenLayout:
+        if segment_ids is not None:
+            if past_tokens is not None:
+                raise ValueError("packed samples (segment_ids) cannot continue a stream state")
+            valid = segment_ids >= 0
+            positions = torch.where(valid, torch.arange(length, device=device).expand(batch, length), -1)
+            return cls(positions, None if bool(valid.all()) else valid, None, segment_ids)
         offset = past_tokens.view(-1, 1) if past_tokens is not None else 0
         if attention_mask is None or bool(attention_mask.all()):
             positions = torch.arange(length, device=device).expand(batch, length) + offset

@@ -45,7 +45,8 @@ class SlidingWindowAttention(nn.Module):
         k = apply_rope(self.k_proj(x).view(B, T, KV, hd), cos, sin)
         v = self.v_proj(x).view(B, T, KV, hd)
         if state is None:
-            o = sliding_window_attention(q, k, v, layout.positions, layout.positions, self.window)
+            seg = layout.segments
+            o = sliding_window_attention(q, k, v, layout.positions, layout.positions, self.window, q_seg=seg, k_seg=seg)
         elif layout.is_single_token:
             o = attention_decode(q, state.keys, state.values, state.positions >= 0, k, v)
         else:

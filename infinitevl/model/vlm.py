@@ -203,6 +203,7 @@ class InfiniteVLForConditionalGeneration(nn.Module):
         logits_to_keep: int = 0,
         image_embeds: torch.Tensor | None = None,
         video_embeds: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> InfiniteVLOutput:
         """One pass over [B, T] tokens. With `state`, the tokens continue that stream (positions, windows and
         memories carry over) and the state is updated in place. Padding (attention_mask 0) is on the left."""
@@ -214,6 +215,8 @@ class InfiniteVLForConditionalGeneration(nn.Module):
             )
         next_position = None
         if position_ids is None:
+            if segment_ids is not None:
+                raise ValueError("packed rows (segment_ids) need position_ids: each sample's own positions")
             if input_ids is None:
                 raise ValueError("position_ids are required with inputs_embeds")
             start = state.next_position if state is not None else None
@@ -221,7 +224,7 @@ class InfiniteVLForConditionalGeneration(nn.Module):
                 input_ids, attention_mask, image_grid_thw, video_grid_thw, second_per_grid_ts, start=start
             )
         hidden, hiddens = self.model.language_model(
-            inputs_embeds, position_ids, attention_mask, state, output_hidden_states
+            inputs_embeds, position_ids, attention_mask, state, output_hidden_states, segment_ids
         )
         if state is not None:
             if next_position is None:

@@ -33,9 +33,12 @@ def sliding_window_attention(
     window: int | None,
     scale: float | None = None,
     block_size: int = 256,
+    q_seg: torch.Tensor | None = None,
+    k_seg: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Blockwise over queries: each block of `block_size` queries meets only the keys its window can reach, so
-    memory is O(block x (block + W)) instead of O(Tq x Tk)."""
+    memory is O(block x (block + W)) instead of O(Tq x Tk). With segment ids (packed samples, [B, Tq] / [B, Tk])
+    a query sees only keys of its own segment."""
     B, Tq, H, D = q.shape
     Tk = k.shape[1]
     offset = Tk - Tq  # index of query i's own key is offset + i
@@ -50,6 +53,8 @@ def sliding_window_attention(
         qe = min(qs + block_size, Tq)
         hi = offset + qe
         mask = _band_mask(q_pos[:, qs:qe], k_pos[:, lo:hi], window)
+        if q_seg is not None:
+            mask &= q_seg[:, qs:qe].unsqueeze(-1) == k_seg[:, lo:hi].unsqueeze(-2)
         # a query always sees its own key: padding queries (no visible key) then give finite values, never NaN
         own = torch.arange(qs, qe, device=q.device).unsqueeze(-1) + offset - lo
         mask |= own == torch.arange(hi - lo, device=q.device)

@@ -1,0 +1,226 @@
+"""Training data: ShareGPT-style multimodal conversations (JSON / JSONL) and plain text files, as token samples.
+
+A conversation record is {"messages": [{"role", "content"}...], "images": [...], "videos": [...]} with `<image>` /
+`<video>` placeholders in the text, paths relative to the data file (LLaMA-Factory's format; the
+{"conversations": [{"from", "value"}]} spelling is read too). Each sample is rendered as ChatML, exactly as the chat
+template does, with labels on the assistant turns only (their text and `<|im_end|>`). A plain text file gives one
+sample per line (article), cut into pieces of at most `max_length` tokens, every token a label.
+
+Truncation to `max_length` never cuts a vision block: a block that would straddle the limit is dropped with
+everything after it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..processing.processor import Processor, VisionInput
+
+IGNORE = -100
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "observation": "user",
+    "function_call": "assistant",
+}
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+@dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]
+    images: list[VisionInput] = field(default_factory=list)
+    videos: list[VisionInput] = field(default_factory=list)
+    position_ids: torch.Tensor | None = None  # [3, T], filled by `TokenDataset`
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class DataOptions:
+    max_length: int = 2048
+    image_max_pixels: int = 512 * 512
+    image_min_pixels: int = 56 * 56
+    video_fps: float = 2.0
+    video_max_frames: int = 16
+    answer_only: bool = True  # labels on assistant turns only (False: on every token)
+
+
+def read_records(path: str | Path) -> tuple[str, list]:
+    """('chat', [records]) for .json / .jsonl, ('text', [lines]) for anything else."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no data file at {path}")
+    if path.suffix == ".jsonl":
+        records = []
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{i}: not valid JSON ({err})") from err
+        return "chat", records
+    if path.suffix == ".json":
+        try:
+            records = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from err
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a list of conversations")
+        return "chat", records
+    return "text", [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def messages_of(record: dict) -> list[dict]:
+    if "messages" in record:
+        return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    if "conversations" in record:
+        return [{"role": ROLES.get(m["from"], m["from"]), "content": m["value"]} for m in record["conversations"]]
+    raise ValueError(f"a conversation record needs 'messages' or 'conversations', got keys {sorted(record)}")
+
+
+def chat_sample(record: dict, processor: Processor, options: DataOptions, root: Path) -> Sample:
+    """Render one conversation with labels on the assistant turns."""
+    c = processor.config
+    images = [root / p if not Path(p).is_absolute() else Path(p) for p in record.get("images", [])]
+    videos = [root / p if not Path(p).is_absolute() else Path(p) for p in record.get("videos", [])]
+    messages = messages_of(record)
+    if messages and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": DEFAULT_SYSTEM}, *messages]
+    n_img = sum(m["content"].count("<image>") for m in messages)
+    n_vid = sum(m["content"].count("<video>") for m in messages)
+    if n_img != len(images) or n_vid != len(videos):
+        raise ValueError(
+            f"record has {n_img} <image> / {n_vid} <video> placeholders but lists {len(images)} images "
+            f"and {len(videos)} videos"
+        )
+    ids: list[int] = []
+    labels: list[int] = []
+    enc_images, enc_videos = [], []
+    it_img, it_vid = iter(images), iter(videos)
+    for m in messages:
+        role = ROLES.get(m["role"], m["role"])
+        head = processor.tokenize(f"<|im_start|>{role}\n")
+        body: list[int] = []
+        for part in re.split(r"(<image>|<video>)", m["content"]):
+            if part == "<image>":
+                v = processor.encode_image(
+                    next(it_img), min_pixels=options.image_min_pixels, max_pixels=options.image_max_pixels
+                )
+                enc_images.append(v)
+                body += [c.vision_start_token_id] + [c.image_token_id] * v.num_tokens + [c.vision_end_token_id]
+            elif part == "<video>":
+                v = processor.encode_video(next(it_vid), fps=options.video_fps, max_frames=options.video_max_frames)
+                enc_videos.append(v)
+                body += [c.vision_start_token_id] + [c.video_token_id] * v.num_tokens + [c.vision_end_token_id]
+            elif part:
+                body += processor.tokenize(part)
+        end = processor.tokenize("<|im_end|>")
+        newline = processor.tokenize("\n")
+        ids += head + body + end + newline
+        learn = role == "assistant" or not options.answer_only
+        labels += [IGNORE] * len(head) + (body + end if learn else [IGNORE] * (len(body) + len(end)))
+        labels += [IGNORE] * len(newline)
+    return truncate(Sample(ids, labels, enc_images, enc_videos), options.max_length, c)
+
+
+def truncate(sample: Sample, max_length: int, config) -> Sample:
+    if len(sample) <= max_length:
+        return sample
+    cut = max_length
+    kept_img = kept_vid = 0
+    i = 0
+    ids = sample.input_ids
+    while i < len(ids):
+        if (
+            ids[i] == config.vision_start_token_id
+            and i + 1 < len(ids)
+            and ids[i + 1] in (config.image_token_id, config.video_token_id)
+        ):
+            kind = ids[i + 1]
+            j = i + 1
+            while j < len(ids) and ids[j] == kind:
+                j += 1
+            end = j + 1  # include vision_end
+            if end > max_length:
+                cut = i  # the block would be cut: drop it and everything after
+                break
+            kept_img += kind == config.image_token_id
+            kept_vid += kind == config.video_token_id
+            i = end
+        else:
+            i += 1
+            if i >= max_length:
+                break
+    return Sample(ids[:cut], sample.labels[:cut], sample.images[:kept_img], sample.videos[:kept_vid])
+
+
+def text_samples(lines: list[str], processor: Processor, max_length: int) -> list[Sample]:
+    out = []
+    for line in lines:
+        ids = processor.tokenize(line)
+        for s in range(0, len(ids), max_length):
+            piece = ids[s : s + max_length]
+            if len(piece) > 1:
+                out.append(Sample(piece, list(piece)))
+    return out
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Samples with their multimodal RoPE positions; chat records are encoded lazily (images on first use)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        processor: Processor,
+        options: DataOptions,
+        model_config,
+        media_root: str | Path | None = None,
+        indices: list[int] | None = None,
+    ):
+        self.path = Path(path)
+        self.processor = processor
+        self.options = options
+        self.config = model_config
+        self.root = Path(media_root) if media_root else self.path.parent
+        self.kind, records = read_records(self.path)
+        self.items = records if self.kind == "chat" else text_samples(records, processor, options.max_length)
+        if indices is not None:
+            self.items = [self.items[i] for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Sample:
+        item = self.items[index]
+        sample = (
+            chat_sample(item, self.processor, self.options, self.root)
+            if self.kind == "chat"
+            else Sample(list(item.input_ids), list(item.labels))
+        )
+        from ..model.rope import rope_index
+
+        c = self.config
+        pos, _ = rope_index(
+            torch.tensor([sample.input_ids]),
+            image_token_id=c.image_token_id,
+            video_token_id=c.video_token_id,
+            spatial_merge_size=c.vision.spatial_merge_size,
+            tokens_per_second=c.vision.tokens_per_second,
+            image_grid_thw=torch.cat([v.grid_thw for v in sample.images]) if sample.images else None,
+            video_grid_thw=torch.cat([v.grid_thw for v in sample.videos]) if sample.videos else None,
+            second_per_grid_ts=[v.second_per_grid for v in sample.videos] or None,
+            mode=c.rope_index_mode,
+        )
+        sample.position_ids = pos[:, 0]
+        return sample
