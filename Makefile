@@ -25,10 +25,8 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-DEMO_VIDEO ?= ../shared/media/mllm_demo/mllm_demo_data/1.mp4
 demo: $(STAMP)
-	$(VENV)/bin/infinitevl stream $(DEMO_VIDEO) --fps 2 --loops 3 --ask "4:What is happening?" \
-		--ask "12:What happened at the start of the video?" --final "Summarize what you saw." $(DEMO_ARGS)
+	$(VENV)/bin/infinitevl demo $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/infinitevl bench --out docs/benchmarks

@@ -126,7 +126,7 @@ def test_errors_are_one_line_unless_debug(model_dir, tmp_path):
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "expected SECONDS:question" in proc.stderr
 
 
-def test_default_model_is_the_untrained_stand_in_and_says_so(tmp_path):
-    proc = run("generate", "Hello", "--max-new-tokens", "3", env_cache=tmp_path)
-    assert "random, untrained weights" in proc.stderr
-    assert (tmp_path / "untrained-tiny" / "config.json").exists()
+def test_without_model_the_bundled_trained_model_runs(tmp_path):
+    proc = run("generate", "Which digit was last shown with tag A?", "--max-new-tokens", "3", env_cache=tmp_path)
+    assert "untrained" not in proc.stderr
+    assert not (tmp_path / "untrained-tiny").exists()  # the stand-in is only built when no model ships

@@ -31,7 +31,12 @@ def add_parser(sub) -> None:
     p = sub.add_parser("stream", help=HELP, description=__doc__.split("\n\n", 1)[1])
     p.add_argument("source", help="video file (mp4, avi, ...) or folder of image frames")
     p.add_argument("--fps", type=float, default=2.0, help="frames per second taken from the source")
-    p.add_argument("--size", type=int, default=448, help="frame side in pixels, a multiple of 28 (448 = 256 tokens)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="frame side in pixels, a multiple of 28 (default: the model's own, else 448 = 256 tokens)",
+    )
     p.add_argument("--max-frames", type=int, default=None)
     p.add_argument(
         "--ask",
@@ -74,11 +79,13 @@ def run(args) -> int:
     source = Path(args.source)
     if not source.exists():
         raise CliError(f"{source}: no such file or folder")
-    if args.size % 28:
-        raise CliError(f"--size {args.size} is not a multiple of 28")
     schedule = sorted(parse_question(q) for q in args.ask)
     sampling = sampling_from(args)
     engine = load_engine(args)
+    if args.size is None:
+        args.size = (engine.model.config.extra.get("infinitevl_frame_size") or [448])[0]
+    if args.size % 28:
+        raise CliError(f"--size {args.size} is not a multiple of 28")
     size = (args.size, args.size)
     if args.load_state:
         session = StreamSession.restore(

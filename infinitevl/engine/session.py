@@ -75,6 +75,7 @@ class StreamSession:
         chunk_size: int = DEFAULT_CHUNK,
         frame_size: tuple[int, int] | None = (448, 448),
         state: InfiniteVLState | None = None,
+        max_context: int | None = None,
     ):
         self.model = model
         self.processor = processor
@@ -82,7 +83,8 @@ class StreamSession:
         self.frame_size = frame_size
         self.stats = SessionStats()
         self.segment: _Segment | None = None
-        self.state = state if state is not None else model.new_state()
+        # max_context: only models with full-attention layers need it (their cache is sized up front)
+        self.state = state if state is not None else model.new_state(max_context=max_context)
         if state is None:
             system = f"<|im_start|>system\n{system_prompt}<|im_end|>\n" if system_prompt else ""
             self._feed_text(system + "<|im_start|>user\n")

@@ -108,6 +108,7 @@ class Processor:
         if image_mean is not None:
             kwargs.update(image_mean=image_mean, image_std=image_std)
         self._image_processor = Qwen2VLImageProcessorPil(**kwargs)
+        self.frame_cache: dict | None = None  # set to {} to keep encoded stream frames by path (training)
         self.image_token = tokenizer.convert_ids_to_tokens(config.image_token_id)
         self.video_token = tokenizer.convert_ids_to_tokens(config.video_token_id)
 
@@ -205,6 +206,33 @@ class Processor:
             steps.append(torch.stack(slots, dim=2).reshape(rows[s].shape[0], -1))
         grid = torch.tensor([[len(frames) // tps, h // 14, w // 14]])
         return VisionInput("video", torch.cat(steps), grid, second_per_grid=tps / fps, timestamps=stamps[::tps])
+
+    def encode_stream(
+        self,
+        frames: Sequence,
+        interval: float = 1.0,
+        size: tuple[int, int] | None = None,
+        timestamps: Sequence[float] | None = None,
+    ) -> VisionInput:
+        """Live frames as one video block: one frame per temporal step (the frame fills both slots), exactly what a
+        session builds from `append_frame` calls `interval` seconds apart (vision features and positions alike)."""
+        if not frames:
+            raise MediaError("a stream needs at least one frame")
+        rows = []
+        for f in frames:
+            key = (str(f), size) if isinstance(f, (str, Path)) and self.frame_cache is not None else None
+            if key is not None and key in self.frame_cache:
+                rows.append(self.frame_cache[key])
+                continue
+            image = load_image(f)
+            h, w = size or self.frame_size(image, VIDEO_MAX_PIXELS)
+            rows.append(self._patches(image, h, w)[0])
+            if key is not None:
+                self.frame_cache[key] = rows[-1]
+        h, w = size or self.frame_size(load_image(frames[0]), VIDEO_MAX_PIXELS)
+        stamps = list(timestamps) if timestamps is not None else [i * interval for i in range(len(frames))]
+        grid = torch.tensor([[len(frames), h // 14, w // 14]])
+        return VisionInput("video", torch.cat(rows), grid, second_per_grid=interval, timestamps=stamps)
 
     def encode_video(
         self,

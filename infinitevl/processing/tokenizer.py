@@ -61,15 +61,29 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerFast:
     return tok
 
 
-def byte_level_tokenizer(vocab_size: int, special_ids: dict[str, int], im_start_id: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE without merges: one token per UTF-8 byte, specials at the given ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def byte_level_tokenizer(
+    vocab_size: int, special_ids: dict[str, int], im_start_id: int, corpus: list[str] | None = None
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with the specials at the given ids. Without a corpus: no merges, one token per UTF-8 byte.
+    With one: merges learned from it fill every id below the first special one (a compact tokenizer for a small
+    domain, deterministic for a given corpus)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet, key=lambda c: _byte_of(c)))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    first_special = min(min(special_ids.values()), im_start_id)
+    if corpus:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        trainer = trainers.BpeTrainer(
+            vocab_size=first_special, initial_alphabet=alphabet, show_progress=False, special_tokens=[]
+        )
+        tok.train_from_iterator(corpus, trainer)
+    else:
+        vocab = {ch: i for i, ch in enumerate(sorted(alphabet, key=lambda c: _byte_of(c)))}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
+    vocab = tok.get_vocab()
     names = {v: SPECIAL_NAMES[k] for k, v in special_ids.items() if k in SPECIAL_NAMES}
     names[im_start_id] = "<|im_start|>"
     if min(names) < len(vocab) or max(names) >= vocab_size:

@@ -2,7 +2,8 @@
 
 A conversation record is {"messages": [{"role", "content"}...], "images": [...], "videos": [...]} with `<image>` /
 `<video>` placeholders in the text, paths relative to the data file (LLaMA-Factory's format; the
-{"conversations": [{"from", "value"}]} spelling is read too). Each sample is rendered as ChatML, exactly as the chat
+{"conversations": [{"from", "value"}]} spelling is read too). A video is a file, or live frames
+{"frames": [image paths], "interval": seconds} encoded one frame per temporal step as a streaming session does. Each sample is rendered as ChatML, exactly as the chat
 template does, with labels on the assistant turns only (their text and `<|im_end|>`). A plain text file gives one
 sample per line (article), cut into pieces of at most `max_length` tokens, every token a label.
 
@@ -92,8 +93,8 @@ def messages_of(record: dict) -> list[dict]:
 def chat_sample(record: dict, processor: Processor, options: DataOptions, root: Path) -> Sample:
     """Render one conversation with labels on the assistant turns."""
     c = processor.config
-    images = [root / p if not Path(p).is_absolute() else Path(p) for p in record.get("images", [])]
-    videos = [root / p if not Path(p).is_absolute() else Path(p) for p in record.get("videos", [])]
+    images = [_path(root, p) for p in record.get("images", [])]
+    videos = [v if isinstance(v, dict) else _path(root, v) for v in record.get("videos", [])]
     messages = messages_of(record)
     if messages and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": DEFAULT_SYSTEM}, *messages]
@@ -120,7 +121,7 @@ def chat_sample(record: dict, processor: Processor, options: DataOptions, root: 
                 enc_images.append(v)
                 body += [c.vision_start_token_id] + [c.image_token_id] * v.num_tokens + [c.vision_end_token_id]
             elif part == "<video>":
-                v = processor.encode_video(next(it_vid), fps=options.video_fps, max_frames=options.video_max_frames)
+                v = _encode_video(next(it_vid), processor, options, root)
                 enc_videos.append(v)
                 body += [c.vision_start_token_id] + [c.video_token_id] * v.num_tokens + [c.vision_end_token_id]
             elif part:
@@ -132,6 +133,20 @@ def chat_sample(record: dict, processor: Processor, options: DataOptions, root: 
         labels += [IGNORE] * len(head) + (body + end if learn else [IGNORE] * (len(body) + len(end)))
         labels += [IGNORE] * len(newline)
     return truncate(Sample(ids, labels, enc_images, enc_videos), options.max_length, c)
+
+
+def _path(root: Path, p: str) -> Path:
+    return Path(p) if Path(p).is_absolute() else root / p
+
+
+def _encode_video(video, processor: Processor, options: DataOptions, root: Path) -> VisionInput:
+    """A video file, or {"frames": [paths], "interval": seconds}: live frames, one per temporal step, as a
+    streaming session sees them (optional "size": [h, w])."""
+    if isinstance(video, dict):
+        frames = [_path(root, f) for f in video["frames"]]
+        size = tuple(video["size"]) if "size" in video else None
+        return processor.encode_stream(frames, float(video.get("interval", 1.0)), size)
+    return processor.encode_video(video, fps=options.video_fps, max_frames=options.video_max_frames)
 
 
 def truncate(sample: Sample, max_length: int, config) -> Sample:

@@ -36,6 +36,8 @@ def evaluate(
         logits = student(**_model_inputs(batch)).logits
         sums["ce"] += float(cross_entropy(logits, batch["labels"]))
         counts["targets"] += target_count(batch["labels"])
+        targets = batch["labels"][:, 1:]
+        sums["hits"] = sums.get("hits", 0.0) + float(((logits[:, :-1].argmax(-1) == targets) & (targets != -100)).sum())
         if teacher is None:
             continue
         t_logits = teacher(batch).logits
@@ -48,7 +50,11 @@ def evaluate(
             sums["layer_mse"] += float(_layer_mse(student, batch, teacher))
             gdn_layers = student.config.text.layer_types.count(LINEAR)
             counts["mse"] += int(mask.sum()) * student.config.text.hidden_size * gdn_layers
-    out = {"student_ppl": math.exp(sums["ce"] / max(counts["targets"], 1)), "targets": counts["targets"]}
+    out = {
+        "student_ppl": math.exp(sums["ce"] / max(counts["targets"], 1)),
+        "targets": counts["targets"],
+        "target_accuracy": sums.get("hits", 0.0) / max(counts["targets"], 1),
+    }
     if teacher is not None:
         out.update(
             teacher_ppl=math.exp(sums["teacher_ce"] / max(counts["targets"], 1)),

@@ -145,6 +145,7 @@ class Trainer:
         student_dir = resolve(cfg.student)
         student = InfiniteVLForConditionalGeneration.from_pretrained(student_dir, dtype=torch.float32)
         self.processor = Processor.from_pretrained(student_dir, student.config)
+        self.processor.frame_cache = {}  # stream frames are read again every epoch
         self.stage = make_stage(cfg)
         if cfg.stage == "sft-long":
             from .lora import add_adapters

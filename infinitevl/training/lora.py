@@ -17,6 +17,18 @@ from .config import LoraConfig
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+STANDARD_TARGETS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "g_proj",
+    "a_proj",
+    "b_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
 
 
 def _peft_config(cfg: LoraConfig, model) -> object:
@@ -25,11 +37,13 @@ def _peft_config(cfg: LoraConfig, model) -> object:
     names = sorted(
         {n.rsplit(".", 1)[-1] for n, m in model.language_model.named_modules() if isinstance(m, torch.nn.Linear)}
     )
-    missing = [t for t in cfg.targets if t not in names]
-    if missing:
-        raise ValueError(f"LoRA targets {missing} are not linear layers of the decoder; known: {names}")
+    # a model without GDN layers has no g_proj: standard names that are absent are skipped, others are errors
+    unknown = [t for t in cfg.targets if t not in names and t not in STANDARD_TARGETS]
+    targets = [t for t in cfg.targets if t in names]
+    if unknown or not targets:
+        raise ValueError(f"LoRA targets {unknown or cfg.targets} are not linear layers of the decoder; known: {names}")
     # only decoder layers: a regex over full module names keeps the vision tower out
-    pattern = r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.(" + "|".join(cfg.targets) + r")"
+    pattern = r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.(" + "|".join(targets) + r")"
     return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=pattern, bias="none")
 
 

@@ -123,10 +123,12 @@ def new_qwen_teacher(
     vision_hidden: int = 32,
     max_pixels: int = 448 * 448,
     spread: bool = True,
+    tokenizer=None,
 ) -> Path:
     """A randomly initialised Qwen2.5-VL (transformers) in a folder, with the tiny byte-level tokenizer and a
     processor config: a stand-in teacher for tests, and the starting point of the miniature pipeline. `spread`
-    uses `spread_init` (weights that all matter) instead of transformers' std-0.02 initialisation."""
+    uses `spread_init` (weights that all matter) instead of transformers' std-0.02 initialisation; `tokenizer`
+    replaces the byte-level one (its special tokens must sit at `tiny_config`'s ids)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
@@ -134,17 +136,18 @@ def new_qwen_teacher(
     from ..defaults import tiny_tokenizer
     from ..processing.processor import Processor
 
+    head_dim = hidden // heads
+    half = head_dim // 2
+    section = [half - 2 * (half // 3), half // 3, half // 3]
     ours = tiny_config(
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        head_dim=hidden // heads,
+        head_dim=head_dim,
+        mrope_section=section,
     )
-    head_dim = hidden // heads
-    half = head_dim // 2
-    section = [half - 2 * (half // 3), half // 3, half // 3]
     config = Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=ours.text.vocab_size,
@@ -189,6 +192,7 @@ def new_qwen_teacher(
         model.save_pretrained(str(folder))
     finally:
         hf_logging.set_verbosity(verbosity)
-    ours.text.mrope_section = section
-    Processor(tiny_tokenizer(ours), ours, min_pixels=56 * 56, max_pixels=max_pixels).save_pretrained(folder)
+    Processor(tokenizer or tiny_tokenizer(ours), ours, min_pixels=56 * 56, max_pixels=max_pixels).save_pretrained(
+        folder
+    )
     return folder

@@ -1,0 +1,17 @@
+"""Benchmarks: InfiniteVL against the Transformer it replaces (transformers' Qwen2.5-VL text model) and against the
+machine's own limits, measured in one run, written as JSON, drawn with matplotlib and reported in
+`docs/benchmarks.md`.
+
+Sections (each a module with a `run(plan, ...)` that returns a JSON-able dict):
+    machine    the machine's description and its measured memory bandwidth and matmul throughput (the limit)
+    ops        the chunked gated delta rule, its decode step and sliding-window attention against references
+    decode     per-token latency against context length, both models, and achieved / bandwidth floor
+    prefill    time and tokens/s for a prompt of N tokens, both models
+    memory     peak process memory (a fresh subprocess per point) and state / KV-cache bytes against context
+    streaming  frames per second over a long stream of 448x448 frames, end to end and decoder only
+
+`runner.py` holds the full and quick plans and runs the sections; `report.py` turns the JSON into plots and
+markdown. Nothing here changes the model or the engine: it only drives them.
+"""
+
+SECTIONS = ("machine", "ops", "decode", "prefill", "memory", "streaming")

@@ -1,0 +1,316 @@
+"""The plans (what the full run and the quick run measure, with their sizes and time budgets) and the loop that runs
+the sections, writes one JSON file per section and regenerates the report.
+
+The full plan is sized for about 40 minutes on a quiet 2-core machine (the largest parts: the InfiniteVL stream of
+1,100 frames, the 4B decode points, the baseline's longest prefills); every loop also has a time budget, so a slower
+machine gets fewer points rather than a run that never ends. The quick plan runs the same code on the tiny config
+in seconds (it is the test that keeps this code alive).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import SECTIONS, machine
+from .timing import OtherLoad, Progress
+
+K, M = 2**10, 2**20
+
+
+@dataclass
+class Plan:
+    name: str
+    bandwidth_bytes: int
+    matmul_size: int
+    probe_repeats: int
+    ops: dict[str, Any]
+    decode_configs: list[str]
+    decode: dict[str, dict]
+    prefill_configs: list[str]
+    prefill: dict[str, dict]
+    memory_configs: list[str]
+    memory: dict[str, dict]
+    streaming: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    threads: int | None = None  # torch threads for the run (None: torch's default, one per core)
+
+    def select(self, configs: list[str] | None) -> Plan:
+        """The plan restricted to some configurations (streaming runs only if its config is among them)."""
+        if not configs:
+            return self
+        keep = lambda names: [n for n in names if n in configs]  # noqa: E731
+        plan = Plan(**asdict(self))
+        plan.decode_configs = keep(plan.decode_configs)
+        plan.prefill_configs = keep(plan.prefill_configs)
+        plan.memory_configs = keep(plan.memory_configs)
+        if plan.streaming.get("config") not in configs:
+            plan.streaming = {**plan.streaming, "skip": True}
+        return plan
+
+    def section(self, name: str) -> dict[str, Any]:
+        """The part of the plan a section uses (recorded in its JSON)."""
+        if name == "machine":
+            return {
+                "bandwidth_bytes": self.bandwidth_bytes,
+                "matmul_size": self.matmul_size,
+                "repeats": self.probe_repeats,
+            }
+        if name == "ops":
+            return self.ops
+        if name in ("decode", "prefill", "memory"):
+            names = getattr(self, f"{name}_configs")
+            return {n: getattr(self, name)[n] for n in names}
+        return self.streaming
+
+
+_CONTEXTS = [1 * K, 4 * K, 16 * K, 64 * K, 256 * K, 1 * M, 4 * M, 16 * M]
+
+
+def full_plan() -> Plan:
+    return Plan(
+        name="full",
+        bandwidth_bytes=2**30,
+        matmul_size=2048,
+        probe_repeats=7,
+        ops={
+            "gdn": {"B": 1, "T": 4096, "H": 16, "Dk": 128, "Dv": 256},
+            "chunk_repeats": 7,
+            "step_repeats": 200,
+            "swa_prefill": [[8192, 8192], [8192, 2048]],
+            "swa_repeats": 3,
+            "swa_heads": {"H": 16, "KV": 2, "D": 128},
+            "swa_window": 8192,
+        },
+        decode_configs=["tiny", "mini", "4b"],
+        decode={
+            "tiny": dict(
+                contexts=_CONTEXTS,
+                baseline_contexts=_CONTEXTS[:6],
+                repeats=30,
+                warmup=3,
+                point_seconds=10,
+                seconds=150,
+                probe_longest=False,
+            ),
+            "mini": dict(
+                contexts=_CONTEXTS,
+                baseline_contexts=_CONTEXTS,
+                repeats=20,
+                warmup=3,
+                point_seconds=15,
+                seconds=300,
+                probe_longest=False,
+            ),
+            "4b": dict(
+                contexts=_CONTEXTS[:6],
+                baseline_contexts=_CONTEXTS[:4],
+                repeats=5,
+                warmup=1,
+                point_seconds=25,
+                seconds=600,
+                probe_longest=True,
+            ),
+        },
+        prefill_configs=["tiny", "mini"],
+        prefill={
+            "tiny": dict(
+                lengths=[1 * K, 4 * K, 16 * K, 64 * K],
+                repeats=3,
+                repeat_below=4 * K,
+                baseline_call_seconds=60,
+                seconds=180,
+            ),
+            "mini": dict(
+                lengths=[1 * K, 4 * K, 16 * K, 32 * K, 64 * K],
+                repeats=3,
+                repeat_below=4 * K,
+                baseline_call_seconds=240,
+                seconds=900,
+            ),
+        },
+        memory_configs=["mini", "4b"],
+        memory={
+            "mini": dict(
+                contexts=_CONTEXTS[:6],
+                baseline_contexts=_CONTEXTS[:7],
+                baseline_longest=False,
+                steps=2,
+                worker_timeout=900,
+                seconds=600,
+                curve_contexts=[4**i * K for i in range(8)],
+            ),
+            "4b": dict(
+                contexts=[4 * K, 1 * M],
+                baseline_contexts=[4 * K],
+                baseline_longest=True,
+                steps=2,
+                worker_timeout=900,
+                seconds=600,
+                curve_contexts=[4**i * K for i in range(8)],
+            ),
+        },
+        streaming=dict(
+            config="mini",
+            frame_size=448,
+            fps=2.0,
+            frames=1100,
+            warmup_frames=3,
+            fps_window=20,
+            late_frame=1000,
+            infinitevl_seconds=1500,
+            baseline_seconds=420,
+            baseline_stop_ratio=0.25,
+        ),
+    )
+
+
+def quick_plan() -> Plan:
+    return Plan(
+        name="quick",
+        bandwidth_bytes=64 * M,
+        matmul_size=256,
+        probe_repeats=3,
+        ops={
+            "gdn": {"B": 1, "T": 256, "H": 2, "Dk": 16, "Dv": 32},
+            "chunk_repeats": 3,
+            "step_repeats": 10,
+            "swa_prefill": [[256, 256], [512, 128]],
+            "swa_repeats": 2,
+            "swa_heads": {"H": 4, "KV": 2, "D": 16},
+            "swa_window": 128,
+        },
+        decode_configs=["tiny"],
+        decode={
+            "tiny": dict(
+                contexts=[64, 1 * K, 16 * K],
+                baseline_contexts=[64, 1 * K, 16 * K],
+                repeats=3,
+                warmup=1,
+                point_seconds=2,
+                seconds=20,
+                probe_longest=False,
+            ),
+        },
+        prefill_configs=["tiny"],
+        prefill={"tiny": dict(lengths=[64, 256], repeats=2, repeat_below=64, baseline_call_seconds=10, seconds=20)},
+        memory_configs=["tiny"],
+        memory={
+            "tiny": dict(
+                contexts=[1 * K],
+                baseline_contexts=[1 * K],
+                baseline_longest=False,
+                steps=1,
+                worker_timeout=120,
+                seconds=60,
+                curve_contexts=[K, 16 * K, 256 * K],
+                parallel=True,
+            ),
+        },
+        streaming=dict(
+            config="tiny",
+            frame_size=112,
+            fps=2.0,
+            frames=5,
+            warmup_frames=1,
+            fps_window=1,
+            late_frame=3,
+            infinitevl_seconds=30,
+            baseline_seconds=30,
+            baseline_stop_ratio=0.0,
+        ),
+        notes=["quick run: tiny sizes that only check that the benchmark code works; its numbers mean nothing"],
+        # one thread: tiny ops are dominated by thread wake-ups, ruinously so when another process holds a core
+        threads=1,
+    )
+
+
+def _load(out: Path, section: str) -> dict | None:
+    path = out / f"{section}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_section(name: str, plan: Plan, out: Path, progress) -> dict[str, Any]:
+    from . import decode, memory, ops, prefill, streaming
+
+    if name == "machine":
+        return machine.run(plan, progress)
+    if name == "ops":
+        return ops.run(plan, progress)
+    if name == "decode":
+        probe = _load(out, "machine")
+        if probe is None:
+            progress("decode: no machine.json, probing bandwidth first")
+            bandwidth = machine.probe_bandwidth(plan.bandwidth_bytes, plan.probe_repeats)["bandwidth"]
+        else:
+            bandwidth = probe["result"]["bandwidth"]["bandwidth"]
+        return decode.run(plan, progress, bandwidth)
+    if name == "prefill":
+        return prefill.run(plan, progress)
+    if name == "memory":
+        previous = _load(out, "decode")
+        longest = {}
+        if previous is not None:
+            longest = {n: c.get("baseline_longest_context") for n, c in previous["result"]["configs"].items()}
+        return memory.run(plan, progress, longest)
+    if name == "streaming":
+        return streaming.run(plan, progress)
+    raise ValueError(f"unknown section {name!r}; known: {list(SECTIONS)}")
+
+
+def run(
+    plan: Plan,
+    out: Path,
+    sections: list[str],
+    command: str,
+    markdown: Path,
+    progress: Progress | None = None,
+) -> Path:
+    """Run `sections` in order, writing `out/<section>.json` after each, then the report."""
+    from . import report
+
+    progress = progress or Progress()
+    out.mkdir(parents=True, exist_ok=True)
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise ValueError(f"unknown sections {unknown}; known: {list(SECTIONS)}")
+    threads = torch.get_num_threads()
+    if plan.threads is not None:
+        torch.set_num_threads(plan.threads)
+    try:
+        _run_sections(plan, out, sections, command, progress)
+    finally:
+        torch.set_num_threads(threads)
+    path = report.write(out, markdown)
+    progress(f"report -> {path}")
+    return path
+
+
+def _run_sections(plan: Plan, out: Path, sections: list[str], command: str, progress) -> None:
+    for name in [s for s in SECTIONS if s in sections]:
+        if name == "streaming" and plan.streaming.get("skip"):
+            continue
+        progress(f"section {name} ({plan.name} plan)")
+        facts = machine.describe()
+        start = time.perf_counter()
+        with torch.inference_mode(), OtherLoad() as others:
+            result = run_section(name, plan, out, progress)
+        record = {
+            "section": name,
+            "command": command,
+            "plan": plan.name,
+            "dtype": "float32",
+            "machine": facts,
+            "settings": plan.section(name),
+            "notes": plan.notes,
+            "elapsed_s": time.perf_counter() - start,
+            "other_load": others.summary(),
+            "result": result,
+        }
+        (out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+        progress(f"section {name} done in {record['elapsed_s']:.1f} s -> {out / (name + '.json')}")

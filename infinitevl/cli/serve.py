@@ -1,0 +1,106 @@
+"""`infinitevl serve`: an OpenAI-compatible HTTP server with persistent streaming-video sessions.
+
+One model in one process: requests queue fairly and concurrent answers are decoded in one batch. Sessions live in
+--state-dir (when given) and come back after a restart. Local media paths are refused unless --media-root is given
+(and then confined to it); remote URLs are fetched only with --allow-remote-media. The API key may also come from
+the INFINITEVL_API_KEY environment variable. The OpenAPI schema is served at /openapi.json (browse it at /docs)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+from .common import CliError, add_model_args, load_engine
+
+HELP = "run the OpenAI-compatible server (chat completions and streaming-video sessions)"
+
+
+def add_parser(sub) -> None:
+    from ..serving.config import ServerConfig
+
+    d = ServerConfig()
+    p = sub.add_parser("serve", help=HELP, description=__doc__.split("\n\n", 1)[1])
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=os.environ.get("INFINITEVL_API_KEY"), help="require 'Bearer KEY'")
+    g.add_argument("--served-model-name", default=None, help="the model id clients use (default: infinitevl)")
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g = p.add_argument_group("sessions")
+    g.add_argument("--state-dir", default=None, help="keep sessions and snapshots here (restored on restart)")
+    g.add_argument("--max-sessions", type=int, default=d.max_sessions)
+    g.add_argument(
+        "--session-idle-timeout",
+        type=float,
+        default=d.session_idle_timeout,
+        help="seconds; an idle session is saved and unloaded (deleted without --state-dir); 0: never",
+    )
+    g.add_argument("--max-snapshots", type=int, default=d.max_snapshots, help="per session (the oldest goes)")
+    g.add_argument("--frame-size", type=int, default=d.frame_size, help="default frame side (448: 256 tokens)")
+    g = p.add_argument_group("load")
+    g.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before answering 429")
+    g.add_argument("--max-batch", type=int, default=d.max_batch, help="generations decoded together (one state each)")
+    g.add_argument("--max-request-tokens", type=int, default=d.max_request_tokens, help="prompt + completion")
+    g.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
+    g = p.add_argument_group("media and limits")
+    g.add_argument("--media-root", default=None, help="allow file paths in requests, confined to this folder")
+    g.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image and video URLs")
+    g.add_argument("--remote-allow-private", action="store_true", help="let remote URLs reach private addresses")
+    g.add_argument("--remote-max-bytes", type=int, default=d.remote_max_bytes)
+    g.add_argument("--remote-timeout", type=float, default=d.remote_timeout, help="seconds per download")
+    g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="before resizing")
+    g.add_argument("--max-video-seconds", type=float, default=d.max_video_seconds)
+    g.add_argument("--max-video-frames", type=int, default=d.max_video_frames)
+    g.add_argument("--video-fps", type=float, default=d.video_fps, help="frames sampled per second of video")
+    add_model_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..serving import ServerConfig, create_app, serve
+
+    if args.media_root is not None and not Path(args.media_root).is_dir():
+        raise CliError(f"--media-root {args.media_root}: no such folder")
+    name = args.served_model_name or "infinitevl"
+    try:
+        config = ServerConfig(
+            model_name=name,
+            api_key=args.api_key or None,
+            state_dir=args.state_dir,
+            media_root=args.media_root,
+            allow_remote_media=args.allow_remote_media,
+            remote_allow_private=args.remote_allow_private,
+            remote_max_bytes=args.remote_max_bytes,
+            remote_timeout=args.remote_timeout,
+            max_body_bytes=args.max_body_bytes,
+            max_image_pixels=args.max_image_pixels,
+            max_video_seconds=args.max_video_seconds,
+            max_video_frames=args.max_video_frames,
+            video_fps=args.video_fps,
+            max_request_tokens=args.max_request_tokens,
+            default_max_tokens=args.default_max_tokens,
+            max_queue=args.max_queue,
+            max_batch=args.max_batch,
+            max_sessions=args.max_sessions,
+            session_idle_timeout=args.session_idle_timeout,
+            max_snapshots=args.max_snapshots,
+            frame_size=args.frame_size,
+        )
+    except ValueError as err:
+        raise CliError(str(err)) from err
+    engine = load_engine(args)
+    print(
+        f"serving {name!r} on {args.host}:{args.port or '(a free port)'} "
+        f"({'API key required' if config.api_key else 'no API key'}"
+        f"; sessions {'in ' + str(config.state_dir) if config.state_dir else 'in memory only'}"
+        f"; local media {'under ' + str(config.media_root) if config.media_root else 'disabled'})",
+        file=sys.stderr,
+        flush=True,
+    )
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C once it has shut down cleanly
+        serve(create_app(engine, config), args.host, args.port, args.log_level)
+    print("server stopped", file=sys.stderr)
+    return 0

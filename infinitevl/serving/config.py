@@ -1,0 +1,50 @@
+"""The server's settings: every limit in one dataclass, filled by `infinitevl serve`'s options or by tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class ServerConfig:
+    model_name: str = "infinitevl"  # the id clients pass as `model` and GET /v1/models lists
+    api_key: str | None = None  # None: no authentication
+    state_dir: Path | None = None  # sessions and snapshots are kept here and come back after a restart
+    media_root: Path | None = None  # None: no local paths in requests (data URLs only)
+    allow_remote_media: bool = False  # fetch http(s) URLs in requests
+    remote_allow_private: bool = False  # let remote URLs reach loopback / private addresses (tests, trusted LANs)
+    remote_max_bytes: int = 20 * 2**20
+    remote_timeout: float = 10.0  # seconds for a whole download
+    max_body_bytes: int = 32 * 2**20
+    max_image_pixels: int = 4096 * 4096  # width x height of a decoded image or video frame before resizing
+    max_video_seconds: float = 600.0
+    max_video_frames: int = 256  # frames sampled from one video (the sampling rate drops to fit)
+    video_fps: float = 2.0  # frames per second sampled from videos
+    max_request_tokens: int = 32768  # prompt + completion tokens of one chat request; question + answer of an ask
+    default_max_tokens: int = 512  # completion budget when a request gives no max_tokens
+    max_queue: int = 64  # requests waiting for the model; beyond it: 429
+    max_batch: int = 8  # generations decoded together in one batched step
+    max_sessions: int = 16
+    session_idle_timeout: float | None = 3600.0  # seconds; idle sessions leave memory (saved, or deleted)
+    max_snapshots: int = 8  # per session; the oldest is dropped beyond it
+    frame_size: int = 448  # default side of session frames (448 -> 256 tokens per frame)
+    janitor_interval: float = 30.0  # seconds between idle-session sweeps
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("max_queue", "max_batch", "max_sessions", "max_snapshots", "max_body_bytes", "max_request_tokens"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.default_max_tokens < 1:
+            problems.append(f"default_max_tokens must be >= 1 (got {self.default_max_tokens})")
+        if self.frame_size % 28 or not 56 <= self.frame_size <= 1344:
+            problems.append(f"frame_size must be a multiple of 28 in [56, 1344] (got {self.frame_size})")
+        if self.video_fps <= 0:
+            problems.append(f"video_fps must be > 0 (got {self.video_fps})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.state_dir = Path(self.state_dir) if self.state_dir is not None else None
+        self.media_root = Path(self.media_root).resolve(strict=True) if self.media_root is not None else None
+        if self.session_idle_timeout is not None and self.session_idle_timeout <= 0:
+            self.session_idle_timeout = None

@@ -1,0 +1,154 @@
+"""`infinitevl bench --quick`: every section end to end at tiny sizes into a temporary folder, so the benchmark code
+cannot rot. Checks that the JSON holds raw repetitions and provenance, that the plots are real PNGs and that the
+report has its tables, targets, commands and working image links. The numbers themselves are not checked (they mean
+nothing at these sizes); the laws the report relies on are, on made-up measurements."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from infinitevl.bench import SECTIONS, report
+from infinitevl.bench.prefill import predict_seconds
+from infinitevl.cli.main import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    out = folder / "bench"
+    assert main(["bench", "--quick", "--quiet", "--out", str(out)]) == 0
+    return out, folder / "bench.md"
+
+
+def _timings(node):
+    """Every measurement record (a dict with times_s) anywhere in a JSON tree."""
+    if isinstance(node, dict):
+        if "times_s" in node:
+            yield node
+        for value in node.values():
+            yield from _timings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _timings(value)
+
+
+def test_every_section_writes_json_with_provenance_and_raw_measurements(quick_run):
+    out, _ = quick_run
+    for section in SECTIONS:
+        record = json.loads((out / f"{section}.json").read_text())
+        assert record["section"] == section and record["dtype"] == "float32" and record["plan"] == "quick"
+        assert record["command"].startswith("infinitevl bench") and "--quick" in record["command"]
+        machine = record["machine"]
+        assert machine["cores"] >= 1 and machine["ram_bytes"] > 0 and machine["torch"] and machine["date"]
+        assert record["settings"] and record["result"]
+        if section not in ("memory", "streaming"):
+            found = list(_timings(record["result"]))
+            assert found, section
+            for timing in found:
+                assert timing["repeats"] == len(timing["times_s"]) >= 1
+                assert all(t > 0 for t in timing["times_s"])
+                assert min(timing["times_s"]) <= timing["median_s"] <= max(timing["times_s"])
+
+
+def test_sections_measure_both_models(quick_run):
+    out, _ = quick_run
+    load = lambda s: json.loads((out / f"{s}.json").read_text())["result"]  # noqa: E731
+    ops = {r["op"] for r in load("ops")["results"]}
+    assert ops == {"gdn_chunked", "gdn_step", "swa_prefill", "swa_decode"}
+    assert all(r["check"]["output"]["max_abs_diff"] < 1e-3 for r in load("ops")["results"])
+    machine = load("machine")
+    assert machine["bandwidth"]["bandwidth"] > 0 and machine["matmul"]["flops"] > 0
+    decode = load("decode")["configs"]["tiny"]
+    ours = [p for p in decode["infinitevl"] if p["status"] == "measured"]
+    assert len(ours) >= 2 and len({p["state_bytes"] for p in ours}) == 1
+    assert all(p["floor_s"] > 0 and p["achieved_over_floor"] > 0 for p in ours)
+    base = [p for p in decode["baseline"] if p["status"] == "measured"]
+    assert [p["kv_bytes"] for p in base] == sorted(p["kv_bytes"] for p in base) and base[0]["kv_bytes"] > 0
+    prefill = load("prefill")["configs"]["tiny"]
+    assert all(p["tokens_per_s"] > 0 for p in prefill["infinitevl"] + prefill["baseline"] if p["status"] == "measured")
+    memory = load("memory")["configs"]["tiny"]["points"]
+    for who in ("infinitevl", "baseline"):
+        point = memory[who][0]
+        assert point["status"] == "measured", point
+        assert point["peak_rss_bytes"] >= point["rss_end_bytes"] > 0 and point["state_bytes"] > 0
+    stream = load("streaming")
+    for who in ("infinitevl", "baseline"):
+        frames = stream[who]["frames"]
+        n = stream[who]["n_frames"]
+        assert n >= 4 and all(len(v) == n for v in frames.values())
+        assert frames["tokens"] == sorted(frames["tokens"]) and frames["tokens"][0] > 0
+        assert stream[who]["windows"]["first"]["fps_end_to_end"] > 0
+    assert len(set(stream["infinitevl"]["frames"]["state_bytes"])) == 1  # constant-size state over the stream
+    kv = stream["baseline"]["frames"]["state_bytes"]
+    assert kv == sorted(kv) and kv[-1] > kv[0]
+
+
+def test_plots_and_report(quick_run):
+    out, markdown = quick_run
+    for name in ("decode_latency", "prefill", "memory", "streaming_fps", "ops"):
+        data = (out / f"{name}.png").read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
+    text = markdown.read_text()
+    for heading in ("## Targets", "## The limit", "## Decode", "## Prefill", "## Memory", "## Streaming", "## Ops"):
+        assert heading in text
+    assert "Quick run" in text and "infinitevl bench" in text and "float32" in text
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(links) == 5 and all((markdown.parent / link).exists() for link in links)
+    assert re.search(r"\| chunked gated delta rule .*\| (met|\*\*not met\*\*) \|", text)
+    assert not re.search(r"\bnan\b|\binf\b", text, re.IGNORECASE)  # no measurement came out NaN or infinite
+
+
+def test_only_one_section_keeps_the_others_in_the_report(quick_run, tmp_path):
+    out, _ = quick_run
+    copy = tmp_path / "bench"
+    copy.mkdir()
+    for f in out.glob("*.json"):
+        (copy / f.name).write_text(f.read_text())
+    before = json.loads((copy / "decode.json").read_text())
+    assert (
+        main(["bench", "--quick", "--quiet", "--out", str(copy), "--only", "ops", "--markdown", str(tmp_path / "r.md")])
+        == 0
+    )
+    assert json.loads((copy / "decode.json").read_text()) == before  # untouched
+    text = (tmp_path / "r.md").read_text()
+    assert "## Decode" in text and "## Ops" in text and "## Streaming" in text
+    assert main(["bench", "--report-only", "--out", str(copy), "--markdown", str(tmp_path / "again.md")]) == 0
+    assert (tmp_path / "again.md").read_text() == text
+    # a section left with nothing to measure (the quick plan has no 4b prefill) gives no plot and no dead link
+    assert main(["bench", "--quick", "--quiet", "--out", str(copy), "--only", "prefill", "--configs", "4b"]) == 0
+    text = (tmp_path / "bench.md").read_text()
+    assert not (copy / "prefill.png").exists() and "prefill.png" not in text and "ops.png" in text
+    assert "| prefill faster than the baseline, margin growing with length | not measured" in text
+
+
+def test_bad_arguments_are_one_line_errors(capsys):
+    assert main(["bench", "--only", "nonsense"]) == 1
+    assert "unknown sections ['nonsense']" in capsys.readouterr().err
+
+
+def test_prefill_extrapolation_recovers_a_quadratic():
+    law = lambda n: 2e-4 * n + 3e-9 * n * n  # noqa: E731
+    points = [(n, law(n)) for n in (1024, 4096, 16384)]
+    assert predict_seconds(points, 65536) == pytest.approx(law(65536), rel=1e-6)
+    assert predict_seconds(points[:1], 4096) == pytest.approx(law(1024) * 16)  # one point: pessimistic N^2
+
+
+def test_targets_are_judged_from_measurements():
+    def pts(key, times):
+        return [{key: n, "status": "measured", "median_s": t} for n, t in times.items()]
+
+    ours = pts("context", {1024: 1.0, 4096: 1.0, 16384: 1.0})
+    slower = pts("context", {1024: 0.5, 4096: 1.5, 16384: 3.0})
+    rows = report.ratios(ours, slower + [{"context": 65536, "status": "out_of_memory"}], "context")
+    assert [r["ratio"] for r in rows] == [0.5, 1.5, 3.0]
+    met, text = report.margin_verdict(rows, "context")
+    assert met and "crossover at 4K" in text and "3.00x at 16K" in text
+    met, text = report.margin_verdict(
+        report.ratios(ours, pts("context", {1024: 2, 4096: 1.2, 16384: 1.1}), "context"), "context"
+    )
+    assert not met and "does not grow" in text
