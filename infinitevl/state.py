@@ -55,8 +55,14 @@ class AttentionLayerState:
         return {"keys": self.keys, "values": self.values, "positions": self.positions}
 
     def ordered(self, num_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys, values [B, KV, cap, D] and positions [B, cap] oldest first (empty slots first)."""
-        shifts = (num_tokens % self.capacity).tolist()
+        """The filled slots in stream order: keys, values [B, KV, n, D] and positions [B, n], n = the most slots
+        any row has filled (a row with fewer has empty slots, position -1). Views while no row has wrapped around,
+        copies after."""
+        counts = num_tokens.tolist()
+        if max(counts) <= self.capacity:  # nothing overwritten yet: slot i holds stream position i
+            n = max(counts)
+            return self.keys[:, :, :n], self.values[:, :, :n], self.positions[:, :n]
+        shifts = [c % self.capacity for c in counts]
         if len(set(shifts)) == 1:
             s = shifts[0]
             return (self.keys.roll(-s, dims=2), self.values.roll(-s, dims=2), self.positions.roll(-s, dims=1))
@@ -65,6 +71,12 @@ class AttentionLayerState:
             for b, s in enumerate(shifts)
         ]
         return tuple(torch.stack(parts) for parts in zip(*rows))  # type: ignore[return-value]
+
+    def filled(self, num_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The filled slots in any order (enough for a decode step): a view of the first slots until the ring
+        wraps around, then the whole ring."""
+        n = min(int(num_tokens.max()), self.capacity)
+        return self.keys[:, :, :n], self.values[:, :, :n], self.positions[:, :n]
 
     def write(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Store the tokens that remain among the last `capacity`; keys/values [B, T, KV, D], positions [B, T]."""

@@ -160,3 +160,11 @@ def test_batched_left_padded_prefill_and_decode_equal_single_streams():
         L = seq.shape[1]
         for i, logits in enumerate(steps):
             assert (logits[row] - alone[0, L - 1 + i]).abs().max() < TOL
+
+
+def test_first_token_of_a_fresh_stream_can_be_a_decode_step():
+    model = tiny_model(seed=8)
+    ids = torch.randint(0, 370, (1, 30), generator=torch.Generator().manual_seed(1))
+    state = model.new_state()
+    steps = torch.stack([decode_step(model, state, ids[:, t]) for t in range(ids.shape[1])], 1)
+    assert (steps - full_logits(model, {"input_ids": ids})).abs().max() < TOL

@@ -108,3 +108,30 @@ def test_decode_against_cache_equals_dense():
     k_pos = torch.cat([torch.where(visible, 0, -1), torch.zeros(B, 1, dtype=torch.long)], 1)
     ref = dense_reference(q, keys, values, torch.zeros(B, 1, dtype=torch.long), k_pos, None)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_split_matrix_vector_product_is_exact():
+    from infinitevl.ops import linear as lin
+
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(2 * lin.SPLIT_MIN_ELEMENTS // 1024, 1024, generator=gen)
+    b = torch.randn(w.shape[0], generator=gen)
+    calls = []
+    original = lin._helper
+
+    def spy():
+        calls.append(1)
+        return original()
+
+    lin._helper = spy
+    try:
+        with torch.no_grad():
+            for rows in (1, 3):
+                x = torch.randn(rows, 1024, generator=gen)
+                assert torch.equal(lin.linear(x, w, b), F.linear(x, w, b))
+        assert len(calls) == 2 or torch.get_num_threads() == 1  # the split path ran
+        x = torch.randn(1, 1024, requires_grad=True)
+        lin.linear(x, w, b).sum().backward()  # with autograd: plain F.linear
+        assert len(calls) in (0, 2) and x.grad is not None
+    finally:
+        lin._helper = original

@@ -18,6 +18,7 @@ from torch import nn
 from ..config import TextConfig
 from ..ops import backend
 from ..ops.gated_delta import gated_delta_rule_step
+from ..ops.linear import Linear
 from ..ops.norm import gated_rms_norm
 from ..ops.short_conv import causal_conv1d, causal_conv1d_step
 from ..state import LinearLayerState
@@ -54,19 +55,19 @@ class GatedDeltaNet(nn.Module):
         self.head_k_dim = config.linear_head_dim
         self.head_v_dim = config.linear_value_head_dim
         H, KVh, Dk, Dv = self.num_heads, self.num_kv_heads, self.head_k_dim, self.head_v_dim
-        self.q_proj = nn.Linear(d, H * Dk, bias=False)
-        self.k_proj = nn.Linear(d, KVh * Dk, bias=False)
-        self.v_proj = nn.Linear(d, KVh * Dv, bias=False)
-        self.a_proj = nn.Linear(d, H, bias=False)
-        self.b_proj = nn.Linear(d, H, bias=False)
+        self.q_proj = Linear(d, H * Dk, bias=False)
+        self.k_proj = Linear(d, KVh * Dk, bias=False)
+        self.v_proj = Linear(d, KVh * Dv, bias=False)
+        self.a_proj = Linear(d, H, bias=False)
+        self.b_proj = Linear(d, H, bias=False)
         self.A_log = nn.Parameter(torch.empty(H))
         self.dt_bias = nn.Parameter(torch.empty(H))
         self.q_conv1d = ShortConv(H * Dk, config.conv_size)
         self.k_conv1d = ShortConv(KVh * Dk, config.conv_size)
         self.v_conv1d = ShortConv(KVh * Dv, config.conv_size)
-        self.g_proj = nn.Linear(d, H * Dv, bias=False)
+        self.g_proj = Linear(d, H * Dv, bias=False)
         self.o_norm = OutputNorm(Dv, config.norm_eps)
-        self.o_proj = nn.Linear(H * Dv, d, bias=False)
+        self.o_proj = Linear(H * Dv, d, bias=False)
 
     def gates(self, x: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
         """beta [B, T, H] and log-decay g [B, T, H], fp32; padding gets beta = 0 and g = 0 (no effect on S)."""

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..config import TextConfig
 from ..ops.attention import attention_decode, sliding_window_attention
+from ..ops.linear import Linear
 from ..state import AttentionLayerState
 from .layout import TokenLayout
 from .rope import apply_rope
@@ -24,10 +25,10 @@ class SlidingWindowAttention(nn.Module):
         self.head_dim = config.head_dim
         self.window = config.layer_window(layer_idx)
         d, H, KV, hd = config.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
-        self.q_proj = nn.Linear(d, H * hd, bias=True)
-        self.k_proj = nn.Linear(d, KV * hd, bias=True)
-        self.v_proj = nn.Linear(d, KV * hd, bias=True)
-        self.o_proj = nn.Linear(H * hd, d, bias=False)
+        self.q_proj = Linear(d, H * hd, bias=True)
+        self.k_proj = Linear(d, KV * hd, bias=True)
+        self.v_proj = Linear(d, KV * hd, bias=True)
+        self.o_proj = Linear(H * hd, d, bias=False)
 
     def forward(
         self,
@@ -48,7 +49,8 @@ class SlidingWindowAttention(nn.Module):
             seg = layout.segments
             o = sliding_window_attention(q, k, v, layout.positions, layout.positions, self.window, q_seg=seg, k_seg=seg)
         elif layout.is_single_token:
-            o = attention_decode(q, state.keys, state.values, state.positions >= 0, k, v)
+            ring_k, ring_v, ring_pos = state.filled(past_tokens)
+            o = attention_decode(q, ring_k, ring_v, ring_pos >= 0, k, v)
         else:
             ring_k, ring_v, ring_pos = state.ordered(past_tokens)
             keys = torch.cat([ring_k.transpose(1, 2), k.to(ring_k.dtype)], dim=1)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import InfiniteVLConfig
+from ..ops.linear import Linear
 from ..state import InfiniteVLState
 from .decoder import InfiniteVLTextModel, RMSNorm
 from .gdn import GatedDeltaNet, OutputNorm, ShortConv
@@ -44,7 +45,7 @@ class InfiniteVLForConditionalGeneration(nn.Module):
         self.config = config
         self.model = InfiniteVLModel(config)
         t = config.text
-        self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
+        self.lm_head = Linear(t.hidden_size, t.vocab_size, bias=False)
         self.tie_weights()
 
     # -- construction --------------------------------------------------------------------------------------------

@@ -106,6 +106,8 @@ def attention_decode(
     KV = k_cache.shape[1]
     G = H // KV
     scale = D**-0.5 if scale is None else scale
+    if k_cache.shape[2] == 0:  # nothing cached yet: the token sees only itself
+        return v_new.view(B, 1, KV, 1, D).expand(B, 1, KV, G, D).reshape(B, 1, H, D).to(q.dtype)
     qg = q.view(B, KV, G, D)  # query heads grouped under their key/value head
     s_cache = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * scale  # [B, KV, G, N]
     s_cache.masked_fill_(~cache_visible[:, None, None, :], float("-inf"))
