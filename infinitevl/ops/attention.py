@@ -108,13 +108,13 @@ def attention_decode(
     scale = D**-0.5 if scale is None else scale
     if k_cache.shape[2] == 0:  # nothing cached yet: the token sees only itself
         return v_new.view(B, 1, KV, 1, D).expand(B, 1, KV, G, D).reshape(B, 1, H, D).to(q.dtype)
+    N = k_cache.shape[2]
     qg = q.view(B, KV, G, D)  # query heads grouped under their key/value head
-    s_cache = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * scale  # [B, KV, G, N]
-    s_cache.masked_fill_(~cache_visible[:, None, None, :], float("-inf"))
-    s_new = (qg.float() * k_new.view(B, KV, 1, D).float()).sum(-1, keepdim=True) * scale  # [B, KV, G, 1]
-    m = torch.maximum(s_cache.amax(-1, keepdim=True), s_new)
-    p_cache = (s_cache - m).exp_()
-    p_new = (s_new - m).exp_()
-    denom = p_cache.sum(-1, keepdim=True) + p_new
-    o = torch.matmul(p_cache.to(v_cache.dtype), v_cache).float() + p_new * v_new.view(B, KV, 1, D).float()
-    return (o / denom).to(q.dtype).view(B, 1, H, D)
+    s_cache = torch.matmul(qg, k_cache.transpose(-1, -2))  # [B, KV, G, N]
+    s_new = (qg * k_new.view(B, KV, 1, D)).sum(-1, keepdim=True)  # [B, KV, G, 1]
+    scores = torch.cat([s_cache, s_new], dim=-1).float().mul_(scale)
+    if not bool(cache_visible.all()):
+        scores[..., :N].masked_fill_(~cache_visible[:, None, None, :], float("-inf"))
+    p = scores.softmax(-1)
+    o = torch.matmul(p[..., :N].to(v_cache.dtype), v_cache).float().add_(p[..., N:] * v_new.view(B, KV, 1, D).float())
+    return o.to(q.dtype).view(B, 1, H, D)
