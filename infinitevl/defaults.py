@@ -53,18 +53,6 @@ def make_untrained_model(folder: str | Path, seed: int = 0, **text_overrides) ->
 
 def tiny_tokenizer(config):
     """The byte-level tokenizer matching `config.tiny_config()`'s special-token ids (<|im_start|> at 375)."""
-    from .processing.tokenizer import byte_level_tokenizer
+    from .processing.tokenizer import tokenizer_for
 
-    ids = {
-        k: getattr(config, k)
-        for k in (
-            "image_token_id",
-            "video_token_id",
-            "vision_start_token_id",
-            "vision_end_token_id",
-            "vision_token_id",
-            "bos_token_id",
-            "eos_token_id",
-        )
-    }
-    return byte_level_tokenizer(config.text.vocab_size, ids, im_start_id=375)
+    return tokenizer_for(config)

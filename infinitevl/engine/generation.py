@@ -30,6 +30,10 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
 
+    def with_stops(self, token_ids) -> SamplingParams:
+        """A copy that also stops at `token_ids` (e.g. the model's end-of-turn tokens)."""
+        return SamplingParams(**{**self.__dict__, "stop_token_ids": tuple(set(self.stop_token_ids) | set(token_ids))})
+
     def validate(self) -> SamplingParams:
         problems = []
         if self.max_new_tokens < 0:

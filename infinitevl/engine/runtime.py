@@ -16,7 +16,7 @@ from ..model import InfiniteVLForConditionalGeneration
 from ..processing.processor import Processor
 from .generation import DEFAULT_CHUNK, SamplingParams, TokenGenerator, prefill
 from .session import DEFAULT_SYSTEM, StreamSession
-from .text import TextStreamer
+from .text import stream_text
 
 
 @dataclass
@@ -65,8 +65,7 @@ class InfiniteVL:
         prompt = self.processor.prompt(messages)
         state = self.model.new_state()
         logits = prefill(self.model, state, prompt.input_ids, chunk_size=self.chunk_size, **_vision(prompt))
-        stops = tuple(set(sampling.stop_token_ids) | set(self.model.config.eos_token_ids))
-        params = SamplingParams(**{**sampling.__dict__, "stop_token_ids": stops})
+        params = sampling.with_stops(self.model.config.eos_token_ids)
         gen = TokenGenerator(
             self.model,
             state,
@@ -79,14 +78,7 @@ class InfiniteVL:
 
     def generate_stream(self, messages: list[dict], sampling: SamplingParams | None = None) -> Iterator[str]:
         gen, _ = self.start(messages, sampling or SamplingParams())
-        streamer = TextStreamer(self.processor)
-        for token in gen:
-            piece = streamer.push(token)
-            if piece:
-                yield piece
-        tail = streamer.flush()
-        if tail:
-            yield tail
+        yield from stream_text(gen, self.processor)
 
     def generate(self, messages: list[dict], sampling: SamplingParams | None = None) -> Completion:
         gen, n_prompt = self.start(messages, sampling or SamplingParams())

@@ -10,6 +10,7 @@ decode raises `MediaError` and leaves the session exactly as it was.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,9 +22,10 @@ from ..processing.media import MediaError
 from ..processing.processor import Processor, VisionInput
 from ..state import InfiniteVLState
 from .generation import DEFAULT_CHUNK, SamplingParams, TokenGenerator, prefill
-from .text import TextStreamer
+from .text import stream_text
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
+COUNTERS = ("frames", "images", "videos", "questions", "ingest_seconds")  # kept in snapshots
 
 
 @dataclass
@@ -164,17 +166,10 @@ class StreamSession:
         branch = self.state.clone()
         ids = self._close_segment_ids() + self.processor.tokenize(f"{question}<|im_end|>\n<|im_start|>assistant\n")
         logits = prefill(self.model, branch, torch.tensor([ids]), chunk_size=self.chunk_size)
-        stops = tuple(set(sampling.stop_token_ids) | set(self.model.config.eos_token_ids))
-        params = SamplingParams(**{**sampling.__dict__, "stop_token_ids": stops})
-        streamer = TextStreamer(self.processor)
+        params = sampling.with_stops(self.model.config.eos_token_ids)
         self.stats.questions += 1
-        for token in TokenGenerator(self.model, branch, logits, params, decode_text=self.processor.decode):
-            piece = streamer.push(token)
-            if piece:
-                yield piece
-        tail = streamer.flush()
-        if tail:
-            yield tail
+        tokens = TokenGenerator(self.model, branch, logits, params, decode_text=self.processor.decode)
+        yield from stream_text(tokens, self.processor)
 
     def ask(self, question: str, sampling: SamplingParams | None = None) -> str:
         return "".join(self.ask_stream(question, sampling))
@@ -187,8 +182,7 @@ class StreamSession:
         logits = self._prefill(ids)
         self.segment = None
         sampling = sampling or SamplingParams(max_new_tokens=128)
-        stops = tuple(set(sampling.stop_token_ids) | set(self.model.config.eos_token_ids))
-        params = SamplingParams(**{**sampling.__dict__, "stop_token_ids": stops})
+        params = sampling.with_stops(self.model.config.eos_token_ids)
         gen = TokenGenerator(self.model, self.state, logits, params, decode_text=self.processor.decode)
         answer_ids = list(gen)
         # commit the answer: its unfed tokens, the end of the turn, and the next user turn
@@ -202,7 +196,7 @@ class StreamSession:
         seg = self.segment
         meta = {
             "segment": "" if seg is None else f"{seg.start},{seg.first_time},{seg.last_time},{seg.last_t}",
-            "frames": str(self.stats.frames),
+            "counters": json.dumps({k: getattr(self.stats, k) for k in COUNTERS}),
         }
         return self.state.save(path, extra=meta)
 
@@ -215,7 +209,9 @@ class StreamSession:
         if meta.get("segment"):
             s, ft, lt, t = meta["segment"].split(",")
             session.segment = _Segment(int(s), float(ft), float(lt), int(t))
-        session.stats.frames = int(meta.get("frames", 0))
+        for k, v in json.loads(meta.get("counters", "{}")).items():
+            if k in COUNTERS:
+                setattr(session.stats, k, v)
         return session
 
     # -- internals -----------------------------------------------------------------------------------------------------

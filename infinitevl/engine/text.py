@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 
 class TextStreamer:
     def __init__(self, processor):
@@ -21,3 +23,15 @@ class TextStreamer:
         text = self.decode(self.ids)
         piece, self.emitted = text[len(self.emitted) :], text
         return piece
+
+
+def stream_text(tokens: Iterable[int], processor) -> Iterator[str]:
+    """Text pieces for a token iterator, each printable as it comes."""
+    streamer = TextStreamer(processor)
+    for token in tokens:
+        piece = streamer.push(token)
+        if piece:
+            yield piece
+    tail = streamer.flush()
+    if tail:
+        yield tail

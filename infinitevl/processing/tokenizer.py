@@ -115,3 +115,12 @@ def _byte_of(ch: str) -> int:
             mapping[chr(256 + n)] = b
             n += 1
     return mapping[ch]
+
+
+IM_START_ID = 375  # where the tiny configurations keep <|im_start|> (their other special ids are in the config)
+
+
+def tokenizer_for(config, corpus: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer whose special tokens sit at `config`'s ids (see `byte_level_tokenizer`)."""
+    ids = {k: getattr(config, k) for k in SPECIAL_NAMES}
+    return byte_level_tokenizer(config.text.vocab_size, ids, im_start_id=IM_START_ID, corpus=corpus)

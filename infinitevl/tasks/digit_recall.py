@@ -54,24 +54,12 @@ class Stream:
 def task_tokenizer(config, extra_text: list[str] = ()):
     """A byte-level BPE whose merges are learned from the task's own phrases (and `extra_text`), with the
     special tokens at `config`'s ids: questions become ~10 tokens instead of ~40 bytes."""
-    from ..processing.tokenizer import byte_level_tokenizer
+    from ..processing.tokenizer import tokenizer_for
 
     phrases = ["system\nYou are a helpful assistant.\n", "user\n", "assistant\n"] * 50
     phrases += [QUESTION.format(tag=t) + f"\n{d}\n" for t in TAGS for d in range(10)] * 5
     phrases += [CAPTION + "\n" + ", ".join(f"{d} {t}" for d in range(10)) + "\n" for t in TAGS] * 5
-    ids = {
-        k: getattr(config, k)
-        for k in (
-            "image_token_id",
-            "video_token_id",
-            "vision_start_token_id",
-            "vision_end_token_id",
-            "vision_token_id",
-            "bos_token_id",
-            "eos_token_id",
-        )
-    }
-    return byte_level_tokenizer(config.text.vocab_size, ids, im_start_id=375, corpus=phrases + list(extra_text))
+    return tokenizer_for(config, corpus=phrases + list(extra_text))
 
 
 def _photos(media: Path | None) -> list[Image.Image]:

@@ -11,6 +11,18 @@ import torch
 
 from .data import IGNORE, Sample
 
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "second_per_grid_ts",
+    "position_ids",
+    "segment_ids",
+)
+
 
 def _vision(samples: list[Sample]) -> dict:
     out: dict = {}
@@ -88,3 +100,8 @@ def valid_mask(batch: dict) -> torch.Tensor:
     if "segment_ids" in batch:
         return batch["segment_ids"] >= 0
     return batch["attention_mask"].bool()
+
+
+def model_inputs(batch: dict, exclude: tuple[str, ...] = ()) -> dict:
+    """The entries of a batch that the model's forward takes (labels and bookkeeping left out)."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch and k not in exclude}

@@ -8,9 +8,9 @@ import math
 import torch
 
 from ..config import LINEAR
-from .collate import collate, valid_mask
+from .collate import collate, model_inputs, valid_mask
 from .losses import cross_entropy, kl_divergence, target_count
-from .stages import _layer_mse, _model_inputs
+from .stages import _layer_mse
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def evaluate(
     for s in starts:
         batch = collate([dataset[i] for i in range(s, min(s + batch_size, n))], pad_id)
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        logits = student(**_model_inputs(batch)).logits
+        logits = student(**model_inputs(batch)).logits
         sums["ce"] += float(cross_entropy(logits, batch["labels"]))
         counts["targets"] += target_count(batch["labels"])
         targets = batch["labels"][:, 1:]

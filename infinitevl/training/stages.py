@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from ..config import LINEAR
-from .collate import valid_mask
+from .collate import model_inputs, valid_mask
 from .losses import cross_entropy, kl_divergence, masked_mse, target_count
 
 DEFAULT_TRAINABLE = {"distill-layer": ["gdn"], "distill-e2e": ["gdn"], "sft": ["gdn", "swa", "mlp"], "sft-long": []}
@@ -54,21 +54,6 @@ def select_trainable(model, groups: list[str]) -> list[str]:
         if p.requires_grad:
             names.append(name)
     return names
-
-
-def _model_inputs(batch: dict) -> dict:
-    keys = (
-        "input_ids",
-        "attention_mask",
-        "pixel_values",
-        "image_grid_thw",
-        "pixel_values_videos",
-        "video_grid_thw",
-        "second_per_grid_ts",
-        "position_ids",
-        "segment_ids",
-    )
-    return {k: batch[k] for k in keys if k in batch}
 
 
 class Stage(ABC):
@@ -151,7 +136,7 @@ class EndToEndDistill(Stage):
 
     def sums(self, model, batch, teacher):
         t_logits = teacher(batch).logits
-        s_logits = model(**_model_inputs(batch)).logits
+        s_logits = model(**model_inputs(batch)).logits
         mask = self._kl_mask(batch).to(s_logits.device)
         out = {"kl": kl_divergence(s_logits, t_logits, mask, temperature=self.cfg.temperature)}
         if "layer_mse" in self.weights():
@@ -169,7 +154,7 @@ class SupervisedFineTune(Stage):
         return {"ce": target_count(batch["labels"])}
 
     def sums(self, model, batch, teacher):
-        logits = model(**_model_inputs(batch)).logits
+        logits = model(**model_inputs(batch)).logits
         return {"ce": cross_entropy(logits, batch["labels"])}
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .collate import model_inputs
+
 
 @dataclass
 class TeacherOutput:
@@ -88,17 +90,7 @@ class Teacher:
                     )
                 )
             )
-        keys = (
-            "input_ids",
-            "attention_mask",
-            "pixel_values",
-            "image_grid_thw",
-            "pixel_values_videos",
-            "video_grid_thw",
-            "second_per_grid_ts",
-            "position_ids",
-        )
-        inputs = {k: batch[k] for k in keys if k in batch}
+        inputs = model_inputs(batch, exclude=("segment_ids",))
         try:
             if self.kind == "qwen2_5_vl":
                 result = self.model(**inputs, use_cache=False, logits_to_keep=0 if logits else 1)
