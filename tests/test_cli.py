@@ -112,7 +112,7 @@ def test_stream_a_video_and_a_frame_folder_then_inspect_the_state(model_dir, tmp
     text = run("state", snap).stdout
     assert "gated_deltanet" in text and "ring 23 slots" in text
     info = json.loads(run("state", snap, "--json").stdout)
-    assert info["tokens"][0] > 6 * 16 and info["extra"]["frames"] == "6"
+    assert info["tokens"][0] > 6 * 16 and json.loads(info["extra"]["counters"])["frames"] == 6
 
 
 def test_errors_are_one_line_unless_debug(model_dir, tmp_path):

@@ -37,7 +37,7 @@ def load_image(source: str | Path | bytes | Image.Image, max_pixels: int | None 
         raise
     except FileNotFoundError as err:
         raise MediaError(f"{name}: no such file") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
         raise MediaError(f"{name}: cannot decode image ({err})") from err
 
 
@@ -127,6 +127,8 @@ def iter_video(path: str | Path, fps: float, max_frames: int | None = None) -> I
     count, next_time = 0, 0.0
     try:
         with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MediaError(f"{path}: no video stream")
             stream = container.streams.video[0]
             for frame in container.decode(stream):
                 t = float(frame.time or 0.0)
@@ -136,6 +138,8 @@ def iter_video(path: str | Path, fps: float, max_frames: int | None = None) -> I
                     next_time = count / fps
                     if max_frames is not None and count >= max_frames:
                         return
+    except MediaError:
+        raise
     except Exception as err:
         raise MediaError(f"{path}: cannot decode video ({err})") from err
 
