@@ -8,8 +8,9 @@ baseline's longest one included, and beyond (its cost does not depend on the con
 memory at a time.
 
 Contexts are produced by filling (see `configs.py`), which is equivalent for timing. Each model is warmed up once
-(3 x `warmup` untimed steps); each point gets one untimed step, then repeated `decode_step` calls (the context grows
-by one token per call) until `repeats` or `point_seconds`, all repetitions kept.
+(3 x `warmup` untimed steps). Baseline points get one untimed step, then repeated `decode_step` calls (the context
+grows by one token per call) until `repeats` or `point_seconds`. InfiniteVL's contexts each get a filled state and
+are timed in turn, one step each per round, `repeats` rounds; all repetitions are kept.
 
 The floor of a step is the bytes it must read -- every decoder weight once (the tied embedding / lm_head matrix
 once), plus the state (InfiniteVL) or the KV cache (baseline) -- divided by the machine's measured bandwidth.
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 
 from . import configs as C
-from .timing import GiB, available_ram, fmt_tokens, free_memory, measure
+from .timing import GiB, available_ram, fmt_tokens, free_memory, measure, measure_interleaved
 
 
 def reserve_bytes() -> int:
@@ -115,27 +116,22 @@ def measure_baseline(name, config, contexts, p, bandwidth, deadline, progress) -
 
 
 def measure_infinitevl(name, config, contexts, p, bandwidth, deadline, progress) -> list[dict]:
+    """Every context gets its own filled state, and the contexts are timed in turn (round robin), so that a slow
+    phase of the machine hits all of them alike: flatness is judged on steps taken side by side."""
     model = C.build_infinitevl(config, vision=False)
     weights = C.weight_bytes(model)
-    state = model.new_state()
     from ..engine.generation import decode_step
 
     token = torch.tensor([7])
+    contexts = sorted(set(contexts))
+    states = {n: C.fill_state(model.new_state(), n) for n in contexts}
+    _warm_up(lambda: decode_step(model, states[contexts[0]], token), p)
+    timings = measure_interleaved(
+        {n: (lambda st=st: decode_step(model, st, token)) for n, st in states.items()}, p["repeats"], warmup=1
+    )
     points = []
-    C.fill_state(state, min(contexts))
-    _warm_up(lambda: decode_step(model, state, token), p)
-    for n in sorted(set(contexts)):
-        if time.perf_counter() > deadline:
-            points.append({"context": n, "status": "over_time_budget"})
-            break
-        C.fill_state(state, n)
-        timing = measure(
-            lambda: decode_step(model, state, token),
-            p["repeats"],
-            warmup=1,  # the model is warm (see _warm_up): one step settles the new context
-            deadline=time.perf_counter() + p["point_seconds"],
-            min_repeats=2,
-        )
+    for n in contexts:
+        timing, state = timings[n], states[n]
         points.append(
             _point(n, timing, weights + state.nbytes, bandwidth, state_bytes=state.nbytes, weight_bytes=weights)
         )
@@ -153,7 +149,7 @@ def run(plan, progress, bandwidth: float) -> dict[str, Any]:
         deadline = time.perf_counter() + p["seconds"]
         progress(f"decode {name}: baseline at {[fmt_tokens(n) for n in p['baseline_contexts']]}")
         base, longest = measure_baseline(name, config, p["baseline_contexts"], p, bandwidth, deadline, progress)
-        free_memory()  # the baseline is gone before InfiniteVL is built: one 4B model in memory at a time
+        free_memory(settle_s=5.0)  # the baseline is gone before InfiniteVL is built: one 4B model in memory at a time
         contexts = list(p["contexts"]) + ([longest] if longest else [])
         progress(f"decode {name}: InfiniteVL at {[fmt_tokens(n) for n in sorted(set(contexts))]}")
         ours = measure_infinitevl(name, config, contexts, p, bandwidth, time.perf_counter() + p["seconds"], progress)

@@ -92,8 +92,8 @@ def full_plan() -> Plan:
             "tiny": dict(
                 contexts=_CONTEXTS,
                 baseline_contexts=_CONTEXTS[:6],
-                repeats=30,
-                warmup=3,
+                repeats=100,  # ~2 ms steps: many repeats, or thread wake-ups dominate the median
+                warmup=10,
                 point_seconds=10,
                 seconds=150,
                 probe_longest=False,

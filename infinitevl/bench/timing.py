@@ -83,7 +83,9 @@ def available_ram() -> int:
     return psutil.virtual_memory().available
 
 
-def free_memory() -> None:
+def free_memory(settle_s: float = 0.0) -> None:
+    """Collect garbage and return freed heap pages to the OS; `settle_s` then waits for the kernel's own work on
+    gigabytes just released (page reclaim shows up as noise in the next timings otherwise)."""
     gc.collect()
     try:  # give freed heap pages back to the OS so that RSS and `available` reflect the release
         import ctypes
@@ -91,6 +93,8 @@ def free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+    if settle_s:
+        time.sleep(settle_s)
 
 
 class RSSSampler:
