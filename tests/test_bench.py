@@ -86,6 +86,11 @@ def test_sections_measure_both_models(quick_run):
     assert len(set(stream["infinitevl"]["frames"]["state_bytes"])) == 1  # constant-size state over the stream
     kv = stream["baseline"]["frames"]["state_bytes"]
     assert kv == sorted(kv) and kv[-1] > kv[0]
+    controlled = stream["controlled"]["points"]  # the decoder per frame at two histories, timed in turn
+    assert [p["context"] for p in controlled] == [
+        stream["infinitevl"]["windows"][w]["tokens"] for w in ("window_full", "late")
+    ]
+    assert all(len(p["times_s"]) == 2 and p["median_s"] > 0 for p in controlled)
 
 
 def test_plots_and_report(quick_run):
@@ -152,3 +157,19 @@ def test_targets_are_judged_from_measurements():
         report.ratios(ours, pts("context", {1024: 2, 4096: 1.2, 16384: 1.1}), "context"), "context"
     )
     assert not met and "does not grow" in text
+
+
+def test_a_worker_reports_its_own_peak_memory_not_its_parents():
+    """Memory points run in subprocesses; a peak inherited from the (large) parent would hide the worker's own."""
+    import subprocess
+    import sys
+
+    from infinitevl.bench.timing import peak_rss
+
+    ballast = bytearray(1 << 30)  # 1 GiB, touched: the parent's peak is now above it
+    ballast[::4096] = b"\x01" * len(ballast[::4096])
+    assert peak_rss() >= 1 << 30
+    code = "from infinitevl.bench.timing import peak_rss, rss; r = rss(); print(peak_rss(), r)"
+    child_peak, child_rss = map(int, subprocess.check_output([sys.executable, "-c", code], text=True).split())
+    del ballast
+    assert child_rss <= child_peak < 512 << 20

@@ -177,6 +177,8 @@ def streaming_targets(stream: dict) -> list[dict]:
             if "window_full" in w:
                 full = w["window_full"][f"fps_{kind}"]
                 detail = f"vs frames {w['window_full']['frames'][0]}+ (sliding window full): {late / full - 1:+.1%}"
+            if kind == "decoder" and stream.get("controlled"):
+                detail += "; " + controlled_change(stream["controlled"])
             out.append(
                 _target(
                     f"streaming FPS at {late_name} within 10% of the first frames ({kind.replace('_', ' ')})",
@@ -453,6 +455,32 @@ def memory_md(record: dict) -> str:
     return "\n\n".join(parts) + "\n\n![memory](benchmarks/memory.png)\n\n" + _method("memory")
 
 
+def controlled_change(controlled: dict | None) -> str:
+    """The controlled check's verdict in words: the decoder's time per frame, late history against window full."""
+    if not controlled:
+        return ""
+    a, b = controlled["points"]
+    change = b["median_s"] / a["median_s"] - 1
+    return (
+        f"controlled, interleaved: decoder per frame {a['median_s'] * 1e3:.0f} ms after {fmt_tokens(a['context'])} "
+        f"tokens, {b['median_s'] * 1e3:.0f} ms after {fmt_tokens(b['context'])} ({change:+.1%})"
+    )
+
+
+def controlled_md(controlled: dict | None) -> str:
+    if not controlled:
+        return ""
+    rows = [
+        [fmt_tokens(p["context"]), f"{p['median_s'] * 1e3:.1f}", f"{1 / p['median_s']:.2f}", len(p["times_s"])]
+        for p in controlled["points"]
+    ]
+    return (
+        f"\n\nControlled check (InfiniteVL decoder, {controlled['tokens_per_frame']} tokens per frame, states filled "
+        "to each history, timed in turn):\n\n"
+        + _table(["history (tokens)", "median ms per frame", "decoder FPS", "repeats"], rows)
+    )
+
+
 def streaming_md(record: dict) -> str:
     r = record["result"]
     rows = []
@@ -518,6 +546,7 @@ def streaming_md(record: dict) -> str:
             ],
             breakdown,
         )
+        + controlled_md(r.get("controlled"))
         + "\n\n![streaming](benchmarks/streaming_fps.png)\n\n"
         + _method("streaming")
     )

@@ -166,6 +166,7 @@ def full_plan() -> Plan:
             infinitevl_seconds=1500,
             baseline_seconds=420,
             baseline_stop_ratio=0.25,
+            controlled_repeats=15,
         ),
     )
 
@@ -223,6 +224,7 @@ def quick_plan() -> Plan:
             infinitevl_seconds=30,
             baseline_seconds=30,
             baseline_stop_ratio=0.0,
+            controlled_repeats=2,
         ),
         notes=["quick run: tiny sizes that only check that the benchmark code works; its numbers mean nothing"],
         # one thread: tiny ops are dominated by thread wake-ups, ruinously so when another process holds a core

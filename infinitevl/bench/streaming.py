@@ -17,6 +17,11 @@ decoder FPS has fallen to `baseline_stop_ratio` of its first frames', or out of 
 
 Both are warmed up on a short throwaway stream first. FPS over a window of frames = 1 / the median frame time
 (frames / summed time is kept too).
+
+A controlled check follows the streams: InfiniteVL's decoder taking in one frame's worth of tokens into states
+filled (see `configs.fill_state`) to the history at the window-full frames and at the late frame, the two timed in
+turn for `controlled_repeats` rounds. It separates what the state's size could cost (nothing, if the design holds)
+from drift over a long-running process on a shared machine.
 """
 
 from __future__ import annotations
@@ -234,6 +239,28 @@ def windows(rec: dict[str, list], p: dict, config) -> dict[str, Any]:
     return out
 
 
+@torch.no_grad()
+def controlled_decoder(model, contexts: list[int], tokens_per_frame: int, repeats: int) -> dict[str, Any]:
+    """Seconds for the decoder to take in one frame's tokens after each of `contexts` tokens, interleaved."""
+    from ..engine.generation import prefill
+
+    states = [C.fill_state(model.new_state(), n) for n in contexts]
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.text.vocab_size, (1, tokens_per_frame), generator=gen)
+    times: list[list[float]] = [[] for _ in contexts]
+    for round_ in range(repeats + 1):  # round 0 warms up
+        for filled, seconds in zip(states, times):
+            state = filled.clone()
+            start = time.perf_counter()
+            prefill(model, state, ids)
+            if round_:
+                seconds.append(time.perf_counter() - start)
+    return {
+        "tokens_per_frame": tokens_per_frame,
+        "points": [{"context": n, "times_s": t, "median_s": statistics.median(t)} for n, t in zip(contexts, times)],
+    }
+
+
 def run(plan, progress) -> dict[str, Any]:
     from ..processing.processor import Processor
 
@@ -262,6 +289,13 @@ def run(plan, progress) -> dict[str, Any]:
         results[who] = {**run_, "windows": windows(rec, p, config), "n_frames": len(rec["total_s"])}
         progress(f"streaming {who}: {len(rec['total_s'])} frames ({run_['stop']})")
         free_memory()
+    w = results["infinitevl"]["windows"]
+    if "window_full" in w and "late" in w:
+        rec = results["infinitevl"]["frames"]
+        contexts = [w["window_full"]["tokens"], w["late"]["tokens"]]
+        per_frame = rec["tokens"][1] - rec["tokens"][0]
+        progress(f"streaming controlled: decoder per frame after {contexts[0]} vs {contexts[1]} tokens")
+        results["controlled"] = controlled_decoder(model, contexts, per_frame, p["controlled_repeats"])
     return {
         "config": C.describe_config(name, config, vision=True),
         "video": str(video),

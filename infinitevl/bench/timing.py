@@ -73,10 +73,22 @@ def rss() -> int:
 
 
 def peak_rss() -> int:
-    """Peak resident set size of this process so far (bytes; Linux reports it in KiB)."""
+    """Peak resident set size of this process's memory so far (bytes).
+
+    On Linux this is `VmHWM`, the high-water mark of the current address space. getrusage's ru_maxrss is not used
+    there: it survives fork and exec, so a worker started by a large parent would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def available_ram() -> int:
