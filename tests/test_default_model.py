@@ -36,3 +36,13 @@ def test_shipped_model_remembers_beyond_its_window(rows):
     assert len(far) >= 10
     assert accuracy >= BEYOND_WINDOW, f"accuracy {accuracy:.2f} on {len(far)} questions > {WINDOW} frames back"
     assert len({r["state_bytes"] for r in rows}) == 1  # the same state size at every length
+
+
+def test_the_comparison_table_counts_questions_per_distance(rows):
+    from infinitevl.tasks.miniature import DISTANCE_BINS, markdown, summarise
+
+    summary = summarise({"hybrid": rows, "copy": rows})
+    table = markdown(summary, {"command": "c", "date": "d", "machine": "m", "minutes": 1.0})
+    counts = [sum(lo <= r["distance"] <= hi for r in rows) for lo, hi in DISTANCE_BINS]
+    assert "| (questions) | " + " | ".join(map(str, counts)) + " |" in table
+    assert sum(counts) == len(rows) == summary["hybrid"]["questions"]

@@ -392,6 +392,10 @@ def summarise(results: dict[str, list[dict]]) -> dict:
         out[name] = {
             "overall": acc(rows),
             "by_distance": by_dist,
+            "questions_by_distance": {
+                f"{lo}-{hi if hi < 100000 else ''}": sum(lo <= r["distance"] <= hi for r in rows)
+                for lo, hi in DISTANCE_BINS
+            },
             "by_length": by_len,
             "state_bytes": mem,
             "ms_per_frame_last": ms,
@@ -440,6 +444,8 @@ def markdown(summary: dict, meta: dict) -> str:
         s = summary[n]
         cells = [f"{s['by_distance'][b]:.2f}" if s["by_distance"][b] == s["by_distance"][b] else "-" for b in bins]
         lines.append(f"| {n} | " + " | ".join(cells) + f" | {s['overall']:.2f} | {s['questions']} |")
+    counts = summary[names[0]]["questions_by_distance"]  # the same held-out questions for every model
+    lines.append("| (questions) | " + " | ".join(str(counts[b]) for b in bins) + " | | |")
     lines += [
         "",
         "| model | "
