@@ -211,7 +211,7 @@ class TokenGenerator:
                 if any(s in text for s in p.stop_strings):
                     self.finish_reason = "stop"
                     return
-                if not any(_is_prefix_of_stop(text, s) for s in p.stop_strings):
+                if held_back(text, p.stop_strings) == 0:
                     yield from held
                     held.clear()
             else:
@@ -225,9 +225,13 @@ def generate_tokens(model, state, first_logits, params, decode_text=None, prompt
     return iter(TokenGenerator(model, state, first_logits, params, decode_text, prompt_ids))
 
 
-def _is_prefix_of_stop(text: str, stop: str) -> bool:
-    """Whether the end of `text` could be the beginning of `stop`."""
-    return any(text.endswith(stop[:i]) for i in range(1, len(stop)))
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Characters at the end of `text` not safe to release yet: an unfinished UTF-8 character, or what may be the
+    beginning of a stop string."""
+    held = len(text) - len(text.rstrip("\ufffd"))
+    for s in stops:
+        held = max([held] + [k for k in range(1, len(s)) if text.endswith(s[:k])])
+    return held
 
 
 @torch.no_grad()

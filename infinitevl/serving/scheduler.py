@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine.generation import Sampler, SamplingParams, decode_step
+from ..engine.generation import Sampler, SamplingParams, decode_step, held_back
 from ..state import AttentionLayerState, InfiniteVLState, LinearLayerState
 from .errors import APIError
 
@@ -116,7 +116,7 @@ class Generation:
                 return self._finish("stop", text[: min(hits)])
         if len(self.produced) >= self.params.max_new_tokens:
             return self._finish("length", text)
-        self._emit(text[: len(text) - _held_back(text, stops)])
+        self._emit(text[: len(text) - held_back(text, stops)])
         self.next_token = token
 
     def _emit(self, text: str) -> None:
@@ -130,15 +130,6 @@ class Generation:
         self.handle.post(
             Event("done", finish_reason=reason, prompt_tokens=self.prompt_tokens, completion_tokens=len(self.produced))
         )
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """Characters at the end of `text` not safe to send yet: an unfinished UTF-8 character, or what may be the
-    beginning of a stop string."""
-    held = len(text) - len(text.rstrip("\ufffd"))
-    for s in stops:
-        held = max([held] + [k for k in range(1, len(s)) if text.endswith(s[:k])])
-    return held
 
 
 @dataclass
