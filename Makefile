@@ -17,9 +17,12 @@ $(STAMP): pyproject.toml requirements/ci.txt
 
 setup: $(STAMP)
 
+# Much of the suite is single-threaded work (subprocesses importing torch), so two workers with one torch thread
+# each use both cores. Tests marked `serial` measure time or load a server; they run alone afterwards.
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not serial"
+	$(PY) -m pytest -q -m serial
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

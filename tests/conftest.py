@@ -18,7 +18,8 @@ FIXTURE = SHARED / "fixtures" / "official-tiny"
 MEDIA = SHARED / "media"
 CASES = ("text", "image", "video", "multi")
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist (`make test` runs two workers) each worker gets one thread, so the cores are not oversubscribed.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
 def pytest_configure(config):

@@ -12,6 +12,8 @@ from conftest import tiny_model
 
 from infinitevl.engine.generation import decode_step, prefill
 
+pytestmark = pytest.mark.serial  # timings: run alone, not beside other tests
+
 CHUNK = 2048
 TOTAL = 200_000
 

@@ -30,6 +30,8 @@ from infinitevl.engine.runtime import InfiniteVL
 from infinitevl.model import InfiniteVLForConditionalGeneration
 from infinitevl.serving import BackgroundServer, ServerConfig, create_app
 
+pytestmark = pytest.mark.serial  # timings: run alone, not beside other tests
+
 DATA = MEDIA / "mllm_demo" / "mllm_demo_data"
 RUNNING = re.compile(r"Uvicorn running on (http://[0-9.]+:[0-9]+)")
 

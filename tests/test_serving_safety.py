@@ -23,6 +23,8 @@ from test_serving import DATA, data_url, varied_model
 from infinitevl.engine.runtime import InfiniteVL
 from infinitevl.serving import BackgroundServer, ServerConfig, create_app
 
+pytestmark = pytest.mark.serial  # timings: run alone, not beside other tests
+
 KEY = "sekret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 

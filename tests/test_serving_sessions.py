@@ -21,6 +21,8 @@ from infinitevl.engine.runtime import InfiniteVL
 from infinitevl.processing.media import iter_video, load_image, read_video
 from infinitevl.serving import BackgroundServer, ServerConfig, create_app
 
+pytestmark = pytest.mark.serial  # timings: run alone, not beside other tests
+
 ANSWER = SamplingParams(max_new_tokens=12)
 
 
