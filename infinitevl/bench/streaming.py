@@ -38,7 +38,7 @@ import torch
 
 from . import configs as C
 from .decode import reserve_bytes
-from .timing import available_ram, free_memory, rss
+from .timing import available_ram, free_memory, measure_interleaved, rss
 
 SHARED = Path(os.environ.get("INFINITEVL_SHARED", Path(__file__).resolve().parents[3] / "shared"))
 DEFAULT_VIDEO = SHARED / "media" / "mllm_demo" / "mllm_demo_data" / "1.mp4"
@@ -241,23 +241,17 @@ def windows(rec: dict[str, list], p: dict, config) -> dict[str, Any]:
 
 @torch.no_grad()
 def controlled_decoder(model, contexts: list[int], tokens_per_frame: int, repeats: int) -> dict[str, Any]:
-    """Seconds for the decoder to take in one frame's tokens after each of `contexts` tokens, interleaved."""
+    """Seconds for the decoder to take in one frame's tokens after each of `contexts` tokens, timed in turn; each
+    state keeps taking frames (the stream continues), one untimed round first."""
     from ..engine.generation import prefill
 
     states = [C.fill_state(model.new_state(), n) for n in contexts]
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.text.vocab_size, (1, tokens_per_frame), generator=gen)
-    times: list[list[float]] = [[] for _ in contexts]
-    for round_ in range(repeats + 1):  # round 0 warms up
-        for filled, seconds in zip(states, times):
-            state = filled.clone()
-            start = time.perf_counter()
-            prefill(model, state, ids)
-            if round_:
-                seconds.append(time.perf_counter() - start)
+    timings = measure_interleaved({i: (lambda s=s: prefill(model, s, ids)) for i, s in enumerate(states)}, repeats)
     return {
         "tokens_per_frame": tokens_per_frame,
-        "points": [{"context": n, "times_s": t, "median_s": statistics.median(t)} for n, t in zip(contexts, times)],
+        "points": [{"context": n, **timings[i]} for i, n in enumerate(contexts)],
     }
 
 
