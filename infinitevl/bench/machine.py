@@ -99,14 +99,18 @@ def probe_bandwidth(nbytes: int, repeats: int) -> dict[str, Any]:
 
     gemv_batched = measure(lambda: linear(x, weight), repeats, warmup=1)
     wbytes = weight.numel() * 4
+
+    def rate(timing: dict, nbytes: int) -> dict:
+        return {**timing, "bytes_moved": nbytes, "bandwidth": nbytes / timing["median_s"]}
+
     out = {
         "tensor_bytes": n * 4,
-        "copy": {**copy, "bytes_moved": 2 * n * 4, "bandwidth": 2 * n * 4 / copy["median_s"]},
-        "sum": {**total, "bytes_moved": n * 4, "bandwidth": n * 4 / total["median_s"]},
-        "gemv": {**gemv, "bytes_moved": wbytes, "bandwidth": wbytes / gemv["median_s"]},
-        "gemv_1_thread": {**gemv_1, "bytes_moved": wbytes, "bandwidth": wbytes / gemv_1["median_s"]},
-        "gemv_input_major": {**gemv_t, "bytes_moved": wbytes, "bandwidth": wbytes / gemv_t["median_s"]},
-        "gemv_batched_halves": {**gemv_batched, "bytes_moved": wbytes, "bandwidth": wbytes / gemv_batched["median_s"]},
+        "copy": rate(copy, 2 * n * 4),
+        "sum": rate(total, n * 4),
+        "gemv": rate(gemv, wbytes),
+        "gemv_1_thread": rate(gemv_1, wbytes),
+        "gemv_input_major": rate(gemv_t, wbytes),
+        "gemv_batched_halves": rate(gemv_batched, wbytes),
     }
     probes = [k for k in out if isinstance(out[k], dict)]
     out["bandwidth"] = max(out[k]["bandwidth"] for k in probes)
