@@ -13,6 +13,26 @@ import torch
 
 BUNDLED = Path(__file__).parent / "assets" / "default-model"
 UNTRAINED_NOTE = "infinitevl_untrained"
+NOTE_KEY = "infinitevl_note"  # config.json: what a model was trained for, said once to whoever uses it
+BUNDLED_NOTE = (
+    "the bundled model (4.5 MB) was trained by `infinitevl miniature` for one task only: reading handwritten digits "
+    "and tag letters from small frames of a stream and answering which digit was last shown with a tag. It has no "
+    "general knowledge and gives empty or meaningless answers to other prompts. Run a real checkpoint with --model "
+    "PATH (e.g. a download of hustvl/InfiniteVL)."
+)
+UNTRAINED_TEXT = (
+    "this model has random, untrained weights (a stand-in until a trained model is given with --model); its answers "
+    "are meaningless."
+)
+
+
+def model_note(extra: dict) -> str | None:
+    """What a user must know about a model before reading its answers, from its config's extra keys; None for a
+    general model."""
+    if extra.get(UNTRAINED_NOTE):
+        return UNTRAINED_TEXT
+    note = extra.get(NOTE_KEY)
+    return str(note) if note else None
 
 
 def cache_dir() -> Path:

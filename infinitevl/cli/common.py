@@ -58,12 +58,8 @@ def load_engine(args):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CliError(f"--device {args.device}: CUDA is not available on this machine")
     engine = InfiniteVL.load(args.model, dtype=DTYPES[args.dtype], device=args.device, chunk_size=args.chunk_size)
-    if engine.untrained:
-        print(
-            "note: this model has random, untrained weights (a stand-in until a trained model is given with "
-            "--model); its answers are meaningless.",
-            file=sys.stderr,
-        )
+    if engine.note:
+        print(f"note: {engine.note}", file=sys.stderr)
     return engine
 
 

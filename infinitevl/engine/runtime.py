@@ -56,6 +56,14 @@ class InfiniteVL:
         """Whether the model folder says its weights are random (the demo's stand-in)."""
         return bool(self.model.config.extra.get("infinitevl_untrained"))
 
+    @property
+    def note(self) -> str | None:
+        """What this model can and cannot do, when its folder says it is not a general model (the bundled
+        task model, the untrained stand-in); None otherwise."""
+        from ..defaults import model_note
+
+        return model_note(self.model.config.extra)
+
     def session(self, system_prompt: str | None = DEFAULT_SYSTEM, **kwargs) -> StreamSession:
         return StreamSession(self.model, self.processor, system_prompt, chunk_size=self.chunk_size, **kwargs)
 

@@ -491,12 +491,18 @@ def write_readme(readme: Path, text: str) -> None:
 
 
 def install_default(folder: Path, target: Path) -> Path:
+    """Copy a trained student into the package as the default model, with the note that says what it knows."""
+    from ..defaults import BUNDLED_NOTE, NOTE_KEY
+
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
     for f in folder.iterdir():
         if f.is_file():
             shutil.copy(f, target / f.name)
+    cfg = json.loads((target / "config.json").read_text())
+    cfg[NOTE_KEY] = BUNDLED_NOTE
+    (target / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return target
 
 
