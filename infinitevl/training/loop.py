@@ -1,4 +1,5 @@
-"""The training loop, on accelerate: one code path for one CPU process, DDP over gloo, FSDP2 or DeepSpeed on GPUs.
+"""The training loop, on accelerate: one code path for one CPU process, DDP over gloo, FSDP2 (on GPUs, or on CPU
+processes over gloo, as the tests run it) or DeepSpeed on GPUs.
 
 fp32 master weights (bf16 autocast on CUDA), AdamW with decoupled weight decay (none on norms, biases and GDN gate
 parameters), cosine schedule with warm-up, gradient accumulation, clipping, optional gradient checkpointing.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -32,14 +34,18 @@ NO_DECAY = ("norm", "bias", "A_log", "dt_bias", "ln_q")
 
 
 class StudentWithLoss(nn.Module):
-    """The student and its stage's loss as one module, so that DDP / FSDP see every forward."""
+    """The student and its stage's loss as one module, so that DDP / FSDP see every forward: a training step
+    (`batch`, `teacher`) or any other use of the student (`call(student)`, e.g. evaluation: under FSDP the
+    parameters held by the root module are gathered only inside its own forward)."""
 
     def __init__(self, student: InfiniteVLForConditionalGeneration, stage: Stage):
         super().__init__()
         self.student = student
         self.stage = stage
 
-    def forward(self, batch: dict, teacher) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict | None = None, teacher=None, call=None):
+        if call is not None:
+            return call(self.student)
         return self.stage.sums(self.student, batch, teacher)
 
 
@@ -127,16 +133,39 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def make_accelerator(mixed_precision: str = "auto"):
+    """The Accelerator of a run: what `accelerate launch` / `torchrun` configured, on CUDA when there is one.
+
+    Two departures from accelerate's defaults. The schedule steps once per optimizer step: by default accelerate
+    steps it once per process, as it assumes per-process data loaders and a schedule sized for one process, which made
+    a 2-process run anneal twice as fast. And an FSDP launch on CPU gets FSDP: accelerate 1.15 turns its FSDP config
+    into DDP over gloo when there is no accelerator device, although FSDP2 (`fully_shard`) runs on CPU; switching the
+    state before `prepare` lets a CPU run take the GPU path (DTensor parameters, sharded checkpoints).
+    """
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    cpu = not torch.cuda.is_available()
+    if mixed_precision == "auto":
+        mixed_precision = "no" if cpu else "bf16"
+    acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu, step_scheduler_with_optimizer=False)
+    fsdp_launch = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp_launch and acc.distributed_type == DistributedType.MULTI_CPU:
+        plugin = FullyShardedDataParallelPlugin()
+        if mixed_precision != "no":
+            plugin.set_mixed_precision(mixed_precision)
+        PartialState().distributed_type = DistributedType.FSDP  # AcceleratorState() copies it on every call
+        acc.state.distributed_type = DistributedType.FSDP
+        acc.state.fsdp_plugin = plugin
+    return acc
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, dump_first_grads: str | None = None):
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         self.cfg = cfg.validate()
-        mp = cfg.mixed_precision
-        if mp == "auto":
-            mp = "bf16" if torch.cuda.is_available() else "no"
-        self.accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+        self.accelerator = make_accelerator(cfg.mixed_precision)
         set_seed(cfg.seed)
         self.out = Path(cfg.out)
         self.dump_first_grads = dump_first_grads
@@ -229,13 +258,14 @@ class Trainer:
             self._dump_grads()
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = acc.clip_grad_norm_(params, self.cfg.optim.grad_clip) if self.cfg.optim.grad_clip else None
+        lr = self.scheduler.get_last_lr()[0]  # what this step uses
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         reduced = acc.reduce(torch.tensor([sums_total[k] for k in weights], device=acc.device), reduction="sum")
         out = {k: float(v) / max(counts[k], 1.0) for k, v in zip(weights, reduced.tolist())}
         out["loss"] = sum(weights[k] * out[k] for k in weights)
-        out["lr"] = self.scheduler.get_last_lr()[0]
+        out["lr"] = lr
         if grad_norm is not None:
             out["grad_norm"] = float(grad_norm)
         return out
@@ -303,8 +333,8 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         final = self.out / ("adapters" if self.cfg.stage == "sft-long" else "final")
+        student = self.gathered_student()
         if acc.is_main_process:
-            student = self.student
             if self.cfg.stage == "sft-long":
                 from .lora import save_adapters
 
@@ -320,14 +350,33 @@ class Trainer:
         acc.wait_for_everyone()
         return final
 
+    def gathered_student(self) -> InfiniteVLForConditionalGeneration | None:
+        """The student with whole tensors on the main process (None on the others), for writing it out.
+
+        Under FSDP the parameters are shards (DTensors): every process takes part in gathering them, and the main
+        process loads them into a copy built on the meta device (its non-persistent buffers stay there: the copy
+        is for `state_dict`, not for running)."""
+        acc = self.accelerator
+        if not acc.is_fsdp2:
+            return self.student
+        state = acc.get_state_dict(self.model)  # a collective; full tensors on the main process only
+        if not acc.is_main_process:
+            return None
+        with torch.device("meta"):
+            copy = InfiniteVLForConditionalGeneration(self.student.config)
+            if self.cfg.stage == "sft-long":
+                from .lora import add_adapters
+
+                add_adapters(copy, self.cfg.lora)
+        copy.load_state_dict({k.removeprefix("student."): v for k, v in state.items()}, assign=True)
+        copy.tie_weights()
+        return copy
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         from .evaluate import evaluate
 
-        student = self.student
-        was_training = student.training
-        student.eval()
-        try:
+        def run(student):
             return evaluate(
                 student,
                 self.eval_data,
@@ -337,5 +386,11 @@ class Trainer:
                 pad_id=self.pad_id,
                 device=self.accelerator.device,
             )
+
+        student = self.student
+        was_training = student.training
+        student.eval()
+        try:
+            return self.model(call=run) if self.accelerator.is_fsdp2 else run(student)
         finally:
             student.train(was_training)
