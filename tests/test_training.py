@@ -11,16 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import MEDIA
+from test_training_losses import LargestTensor
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from infinitevl.config import FULL
 from infinitevl.model import InfiniteVLForConditionalGeneration as Model
 from infinitevl.processing.processor import Processor
-from infinitevl.training.collate import collate
+from infinitevl.training.collate import collate, model_inputs, valid_mask
 from infinitevl.training.config import load_config
 from infinitevl.training.convert import convert
 from infinitevl.training.data import DataOptions, TokenDataset
 from infinitevl.training.loop import Trainer
+from infinitevl.training.losses import cross_entropy, kl_divergence
 from infinitevl.training.stages import make_stage
 from infinitevl.training.teacher import Teacher, new_qwen_teacher
 
@@ -121,6 +123,40 @@ def test_distillation_losses_are_zero_for_identical_models(work):
         cfg = config(work, stage, set={"layer_mse_weight": 1.0})
         sums = make_stage(cfg).sums(model, batch, teacher)
         assert all(float(v.detach()) == 0.0 for v in sums.values()), sums
+
+
+def test_stages_equal_the_losses_on_whole_logits_without_building_them(work):
+    """sft and distill-e2e (the Qwen2.5-VL teacher) project hidden states in chunks of positions: the same sums
+    and gradients as the losses on both models' logits, and no [B, T, vocab] tensor on the way."""
+    _, teacher_dir, student_dir = work
+    model = Model.from_pretrained(student_dir).train()
+    teacher = Teacher.load(teacher_dir)
+    processor = Processor.from_pretrained(student_dir)
+    short = TokenDataset(work[0] / "heldout.txt", processor, DataOptions(max_length=50), model.config)
+    batch = collate([heldout(work, model)[0], short[1]], 0)  # the second row padded
+    B, T = batch["input_ids"].shape
+    V = model.config.text.vocab_size
+
+    def on_logits(stage):
+        logits = model(**model_inputs(batch)).logits
+        if stage == "sft":
+            return cross_entropy(logits, batch["labels"])
+        return kl_divergence(logits, teacher(batch).logits, valid_mask(batch))
+
+    for stage in ("sft", "distill-e2e"):
+        sums = make_stage(config(work, stage))
+        with LargestTensor(last_dim=V) as seen:
+            (ours,) = sums.sums(model, batch, teacher).values()
+            ours.backward()
+        assert seen.largest < B * T * V, (stage, seen.largest)
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        ref = on_logits(stage)
+        ref.backward()
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=f"{stage} {name}")
+        model.zero_grad(set_to_none=True)
 
 
 def test_layer_then_end_to_end_distillation_improve_heldout(work):

@@ -7,11 +7,14 @@ give exactly the gradient of one large batch.
   distill-layer  every GDN layer is fed the teacher's input to that layer; MSE between its output and the teacher
                  layer's output over real tokens (fp32). Only GDN parameters train; the student never runs a full
                  forward.
-  distill-e2e    per-token KL(teacher / T || student / T) over real (or answer) tokens, in vocabulary chunks;
-                 optionally plus the layer-wise MSE term. GDN parameters train.
+  distill-e2e    per-token KL(teacher / T || student / T) over real (or answer) tokens; optionally plus the
+                 layer-wise MSE term. GDN parameters train.
   sft            cross-entropy on answer tokens; trainable groups from the config (default: mixers and MLPs, vision
                  tower and LM head frozen).
   sft-long       the same loss through LoRA adapters (peft) only.
+
+The KL and the cross-entropy take both models' final hidden states and LM heads and project them in chunks of
+positions (see losses.py): neither model's [T, vocab] logits are built.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import torch
 
 from ..config import LINEAR
 from .collate import model_inputs, valid_mask
-from .losses import cross_entropy, kl_divergence, masked_mse, target_count
+from .losses import head_cross_entropy, head_kl_divergence, masked_mse, target_count
+from .teacher import final_hidden_hook
 
 DEFAULT_TRAINABLE = {"distill-layer": ["gdn"], "distill-e2e": ["gdn"], "sft": ["gdn", "swa", "mlp"], "sft-long": []}
 
@@ -80,6 +84,18 @@ def _gdn_layers(model) -> list[int]:
     return [i for i, t in enumerate(model.config.text.layer_types) if t == LINEAR]
 
 
+def _final_hidden(model, batch: dict) -> torch.Tensor:
+    """The student's final normed hidden states [B, T, D] (its logits are left to the loss: only the last
+    position's are computed here)."""
+    kept: dict = {}
+    handle = final_hidden_hook(model, kept)
+    try:
+        model(**model_inputs(batch), logits_to_keep=1)
+    finally:
+        handle.remove()
+    return kept["hidden"]
+
+
 def _layer_mse(model, batch: dict, teacher) -> torch.Tensor:
     """Sum over GDN layers of the masked squared error of the layer fed the teacher's input to it."""
     from ..model.layout import TokenLayout
@@ -135,10 +151,13 @@ class EndToEndDistill(Stage):
         return out
 
     def sums(self, model, batch, teacher):
-        t_logits = teacher(batch).logits
-        s_logits = model(**model_inputs(batch)).logits
-        mask = self._kl_mask(batch).to(s_logits.device)
-        out = {"kl": kl_divergence(s_logits, t_logits, mask, temperature=self.cfg.temperature)}
+        t_hidden = teacher(batch, logits=False, hidden=True).hidden
+        s_hidden = _final_hidden(model, batch)
+        mask = self._kl_mask(batch)
+        kl = head_kl_divergence(
+            s_hidden, model.lm_head.weight, t_hidden, teacher.head_weight, mask, temperature=self.cfg.temperature
+        )
+        out = {"kl": kl}
         if "layer_mse" in self.weights():
             out["layer_mse"] = _layer_mse(model, batch, teacher)
         return out
@@ -154,8 +173,7 @@ class SupervisedFineTune(Stage):
         return {"ce": target_count(batch["labels"])}
 
     def sums(self, model, batch, teacher):
-        logits = model(**model_inputs(batch)).logits
-        return {"ce": cross_entropy(logits, batch["labels"])}
+        return {"ce": head_cross_entropy(_final_hidden(model, batch), model.lm_head.weight, batch["labels"])}
 
 
 class LongSupervisedFineTune(SupervisedFineTune):

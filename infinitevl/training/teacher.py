@@ -19,8 +19,16 @@ from .collate import model_inputs
 @dataclass
 class TeacherOutput:
     logits: torch.Tensor | None
+    hidden: torch.Tensor | None = None  # [B, T, D] after the final norm: the logits are hidden @ head_weight.T
     layer_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
     layer_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def final_hidden_hook(model: torch.nn.Module, into: dict) -> torch.utils.hooks.RemovableHandle:
+    """Keep the final normed hidden states [B, T, D] of a forward of `model` (InfiniteVL or transformers'
+    Qwen2.5-VL, which share the layout `model.model.language_model.norm`) in `into["hidden"]`."""
+    norm = model.model.language_model.norm
+    return norm.register_forward_hook(lambda m, args, output: into.__setitem__("hidden", output))
 
 
 class Teacher:
@@ -62,13 +70,21 @@ class Teacher:
     def layers(self) -> torch.nn.ModuleList:
         return self.model.model.language_model.layers
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """[V, D]: the LM head's weight."""
+        return self.model.lm_head.weight
+
     def to(self, device) -> Teacher:
         self.model.to(device)
         return self
 
     @torch.no_grad()
-    def __call__(self, batch: dict, capture: set[int] = frozenset(), logits: bool = True) -> TeacherOutput:
-        """Run on a padded batch; `capture` names the layers whose input/output to keep."""
+    def __call__(
+        self, batch: dict, capture: set[int] = frozenset(), logits: bool = True, hidden: bool = False
+    ) -> TeacherOutput:
+        """Run on a padded batch; `capture` names the layers whose input/output to keep, `hidden` keeps the final
+        hidden states (without `logits`, only the last position's logits are computed, and not returned)."""
         if "segment_ids" in batch:
             raise ValueError("the teacher runs on padded batches, not packed ones")
         out = TeacherOutput(None)
@@ -90,16 +106,18 @@ class Teacher:
                     )
                 )
             )
+        kept: dict = {}
+        if hidden:
+            hooks.append(final_hidden_hook(self.model, kept))
         inputs = model_inputs(batch, exclude=("segment_ids",))
+        extra = {"use_cache": False} if self.kind == "qwen2_5_vl" else {}
         try:
-            if self.kind == "qwen2_5_vl":
-                result = self.model(**inputs, use_cache=False, logits_to_keep=0 if logits else 1)
-            else:
-                result = self.model(**inputs)
+            result = self.model(**inputs, **extra, logits_to_keep=0 if logits else 1)
         finally:
             for h in hooks:
                 h.remove()
         out.logits = result.logits if logits else None
+        out.hidden = kept.get("hidden")
         return out
 
 
