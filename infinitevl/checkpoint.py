@@ -8,6 +8,8 @@ On disk (written by transformers for the official class) the legacy spelling is 
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 import re
@@ -242,6 +244,7 @@ def load_pretrained(
             _assign(model, name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
         elif stored is None:  # a float weight of a layer quantized while loading
             owner.set_portable(quantize_for(owner, _read_tensor(file, key)))
+            release_freed_memory()
         else:  # one piece of a stored quantized weight; set when all of its pieces are read
             if leaf == "weight" and meta.dtype not in (torch.int8, torch.uint8):
                 raise CheckpointError(
@@ -263,6 +266,24 @@ def load_pretrained(
         raise CheckpointError(f"{len(left)} tensors were not loaded: {', '.join(left[:20])}")
     model.source_folder = folder
     return model.to(device=device).eval()
+
+
+@functools.cache
+def _libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give freed heap pages back to the OS (glibc). Quantizing while loading frees a tensor's temporaries between
+    long-lived results on the heap; without this the holes stay resident and the process's peak grows by several
+    times the model (measured: 530 MiB instead of 130 MiB for a 97 MiB int4 model)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def _quantized_owners(model: torch.nn.Module) -> dict:

@@ -129,9 +129,9 @@ def fits(method: str, out_features: int, in_features: int, group_size: int | Non
 @torch.no_grad()
 def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """[N, K] float -> {'weight': int8 [N, K], 'weight_scale': bf16 [N]} (symmetric, one scale per row)."""
-    w = weight.float()
+    w = weight.to(torch.float32, copy=True)  # worked on in place below
     scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8).to(KERNEL_DTYPE)
-    q = torch.round(w / scale.float().unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+    q = w.div_(scale.float().unsqueeze(1)).round_().clamp_(-127, 127).to(torch.int8)
     return {"weight": q, "weight_scale": scale}
 
 
@@ -142,12 +142,12 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> dict[str, torch.Tens
     The scale and zero are rounded to bf16 first and the integers chosen against the rounded values, so that
     dequantizing with the stored bf16 numbers gives the nearest grid point."""
     N, K = weight.shape
-    w = weight.float().view(N, K // group_size, group_size)
-    lo, hi = w.amin(-1), w.amax(-1)
+    w = weight.to(torch.float32, copy=True).view(N, K // group_size, group_size)  # worked on in place below
+    lo, hi = torch.aminmax(w, dim=-1)
     scale = ((hi - lo) / 15).clamp(min=1e-6).to(KERNEL_DTYPE)
     zero = (lo + 8 * scale.float()).to(KERNEL_DTYPE)
     base = zero.float() - 8 * scale.float()  # the value of q = 0
-    q = torch.round((w - base.unsqueeze(-1)) / scale.float().unsqueeze(-1)).clamp_(0, 15).to(torch.uint8)
+    q = w.sub_(base.unsqueeze(-1)).div_(scale.float().unsqueeze(-1)).round_().clamp_(0, 15).to(torch.uint8)
     q = q.view(N, K)
     return {"weight": q[:, 0::2] | (q[:, 1::2] << 4), "weight_scale": scale, "weight_zero": zero}
 
