@@ -180,7 +180,7 @@ def full_plan() -> Plan:
         precision=dict(
             config="4b",
             modes=["fp32", "bf16", "int8", "int4"],
-            contexts=[4 * K, 256 * K],
+            contexts=[4 * K, 64 * K, 256 * K],
             repeats=5,
             warmup=1,
             group_size=128,
@@ -190,6 +190,7 @@ def full_plan() -> Plan:
             frame=448,
             vision_repeats=2,
             worker_timeout=3600,
+            llamacpp=dict(contexts=[4 * K, 64 * K], types=["Q8_0", "Q4_0"], repeats=5, seconds=1800),
         ),
         quality=dict(
             modes=["fp32", "bf16", "int8", "int4"],
