@@ -39,12 +39,15 @@ MODES = {
     "bf16": dict(dtype="bfloat16", quantize=None),
     "int8": dict(dtype="bfloat16", quantize="int8"),
     "int4": dict(dtype="bfloat16", quantize="int4"),
+    # the same int4 decoder with the tied embedding / LM head kept in bf16: what the int8 table buys (decode only)
+    "int4-bf16-head": dict(dtype="bfloat16", quantize="int4", embeddings="none", decode_only=True),
 }
 KERNELS = {
     "fp32": "fp32 GEMM (MKL); decode: batched-halves GEMV (ops/linear.py)",
     "bf16": "bf16 F.linear (oneDNN)",
     "int8": "aten._weight_int8pack_mm, bf16 activations (>= 256 rows: dequantized bf16 GEMM)",
     "int4": "aten._weight_int4pack_mm_for_cpu, bf16 activations (>= 256 rows: dequantized bf16 GEMM)",
+    "int4-bf16-head": "int4 as above; LM head: bf16 F.linear",
 }
 
 
@@ -126,6 +129,7 @@ def worker(task: dict[str, Any]) -> dict[str, Any]:
             dtype=getattr(torch, mode["dtype"]),
             quantize=mode["quantize"],
             group_size=task["group_size"] if mode["quantize"] == "int4" else None,
+            embeddings=mode.get("embeddings"),
         )
         out["load_s"] = time.perf_counter() - start
         out["peak_after_load_bytes"] = _status("VmHWM:")
@@ -153,6 +157,9 @@ def worker(task: dict[str, Any]) -> dict[str, Any]:
 
         out["matmuls"] = measure(matmuls, task["repeats"], warmup=task["warmup"])
         del states, first
+        if mode.get("decode_only"):
+            out["peak_bytes"], out["rss_end_bytes"] = _status("VmHWM:"), _status("VmRSS:")
+            return out
         vocab = min(1000, model.config.image_token_id)  # text tokens only
         ids = torch.randint(0, vocab, (1, task["prefill_tokens"]), generator=torch.Generator().manual_seed(0))
         prefill(model, model.new_state(), ids[:, : task["prefill_chunk"] // 8], chunk_size=task["prefill_chunk"])
@@ -222,8 +229,12 @@ def run(plan, progress, bandwidth: float, cache: Path) -> dict[str, Any]:
         progress(
             f"precision {name}: load {result['load_s']:.0f} s, peak {result['peak_bytes'] / 2**30:.2f} GiB, decode "
             f"{d['median_s'] * 1e3:.1f} ms at {fmt_tokens(d['context'])} ({d['achieved_over_floor']:.2f}x floor), "
-            f"matmuls {result['matmuls']['median_s'] * 1e3:.1f} ms, prefill {result['prefill']['tokens_per_s']:.0f} "
-            f"tok/s, vision {result['vision']['median_s']:.2f} s"
+            f"matmuls {result['matmuls']['median_s'] * 1e3:.1f} ms"
+            + (
+                f", prefill {result['prefill']['tokens_per_s']:.0f} tok/s, vision {result['vision']['median_s']:.2f} s"
+                if "prefill" in result
+                else ""
+            )
         )
     if p.get("llamacpp"):
         from . import llamacpp

@@ -20,7 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-MODES = ("fp32", "bf16", "int8", "int4")
+MODES = {  # name: (quantize, embeddings); every mode but fp32 runs in bf16
+    "fp32": (None, None),
+    "bf16": (None, None),
+    "int8": ("int8", None),
+    "int4": ("int4", None),
+    "int4-bf16-head": ("int4", "none"),  # what the int8 embedding / LM head costs in quality
+}
 
 
 def load(folder, mode: str, group_size: int):
@@ -30,9 +36,13 @@ def load(folder, mode: str, group_size: int):
 
     if mode == "fp32":
         return InfiniteVLForConditionalGeneration.from_pretrained(folder)
-    quantize = None if mode == "bf16" else mode
+    quantize, embeddings = MODES[mode]
     return InfiniteVLForConditionalGeneration.from_pretrained(
-        folder, dtype=torch.bfloat16, quantize=quantize, group_size=group_size if mode == "int4" else None
+        folder,
+        dtype=torch.bfloat16,
+        quantize=quantize,
+        group_size=group_size if quantize == "int4" else None,
+        embeddings=embeddings,
     )
 
 

@@ -710,12 +710,14 @@ def precision_md(record: dict) -> str:
                 f"{fp32['decode'][0]['median_s'] / step:.2f}x" if fp32 else "-",
                 f"{mm * 1e3:.1f}",
                 f"{(step - mm) * 1e3:.1f} ({(step - mm) / step:.0%})",
-                f"{m['prefill']['tokens_per_s']:.1f}" + speed(lambda x: x["prefill"]["median_s"]),
-                f"{m['vision']['median_s']:.2f}" + speed(lambda x: x["vision"]["median_s"]),
+                f"{m['prefill']['tokens_per_s']:.1f}" + speed(lambda x: x["prefill"]["median_s"])
+                if "prefill" in m
+                else "-",
+                f"{m['vision']['median_s']:.2f}" + speed(lambda x: x["vision"]["median_s"]) if "vision" in m else "-",
             ]
         )
     contexts = [fmt_tokens(p["context"]) for p in next(iter(r["modes"].values())).get("decode", [])]
-    first = next((m for m in r["modes"].values() if m.get("status") == "measured"), None)
+    first = next((m for m in r["modes"].values() if m.get("status") == "measured" and "prefill" in m), None)
     header = ["mode", "load s", "weights", "peak RSS"]
     header += [f"decode ms at {c} (floor ms, x floor)" for c in contexts]
     side = first["vision"]["frame"] if first else "?"

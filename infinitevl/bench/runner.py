@@ -179,7 +179,7 @@ def full_plan() -> Plan:
         ),
         precision=dict(
             config="4b",
-            modes=["fp32", "bf16", "int8", "int4"],
+            modes=["fp32", "bf16", "int8", "int4", "int4-bf16-head"],
             contexts=[4 * K, 64 * K, 256 * K],
             repeats=5,
             warmup=1,
@@ -193,7 +193,7 @@ def full_plan() -> Plan:
             llamacpp=dict(contexts=[4 * K, 64 * K], types=["Q8_0", "Q4_0"], repeats=5, seconds=1800),
         ),
         quality=dict(
-            modes=["fp32", "bf16", "int8", "int4"],
+            modes=["fp32", "bf16", "int8", "int4", "int4-bf16-head"],
             group_size=128,
             demo_seeds=[2026, 2027, 2028, 2029],
             demo_frames=400,
