@@ -129,9 +129,13 @@ def fits(method: str, out_features: int, in_features: int, group_size: int | Non
 @torch.no_grad()
 def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """[N, K] float -> {'weight': int8 [N, K], 'weight_scale': bf16 [N]} (symmetric, one scale per row)."""
-    w = weight.to(torch.float32, copy=True)  # worked on in place below
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8).to(KERNEL_DTYPE)
-    q = w.div_(scale.float().unsqueeze(1)).round_().clamp_(-127, 127).to(torch.int8)
+    lo, hi = torch.aminmax(weight, dim=1)
+    scale = (torch.maximum(-lo.float(), hi.float()) / 127).clamp(min=1e-8).to(KERNEL_DTYPE)
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    rows = max(1, (16 << 20) // max(1, weight.shape[1]))  # fp32 work in blocks of 64 MB (the 4B embedding: 1.2 GB)
+    for s in range(0, weight.shape[0], rows):
+        block = weight[s : s + rows].to(torch.float32, copy=True)
+        q[s : s + rows] = block.div_(scale[s : s + rows].float().unsqueeze(1)).round_().clamp_(-127, 127)
     return {"weight": q, "weight_scale": scale}
 
 
