@@ -223,6 +223,8 @@ def load_pretrained(
     if config_overrides:
         config = config.replace(**config_overrides)
     stored, target = quantization_of(config, quantize, group_size, embeddings)
+    if target is not None and torch.device(device).type != "cpu":
+        raise CheckpointError(f"int8 / int4 weights run on torch's CPU kernels: load them on cpu, not {device}")
     found = tensor_shapes(folder)
     with torch.device("meta"):
         model = cls(config)
