@@ -13,9 +13,11 @@ the server is down). The screenshot in the README (docs/web-page.png) is written
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -36,8 +38,9 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from infinitevl.config import InfiniteVLConfig
 from infinitevl.defaults import BUNDLED
-
-pytestmark = pytest.mark.serial  # a browser playing a video in real time against a server: run alone
+from infinitevl.engine.runtime import InfiniteVL
+from infinitevl.serving import BackgroundServer, ServerConfig, create_app
+from infinitevl.serving.webpage import PAGE_DIR
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -238,7 +241,31 @@ def reference_answer(api: httpx.Client, sid: str, question: str, max_tokens: int
     return r.json()["choices"][0]["message"]["content"]
 
 
-def test_the_page_runs_a_live_session(server, browser, tmp_path):
+def test_the_page_files_are_open_and_nothing_else_is():
+    """The page needs no key and loads nothing from elsewhere; its open path leads nowhere but to its own files."""
+    config = ServerConfig(api_key=KEY)
+    with BackgroundServer(create_app(InfiniteVL.load(BUNDLED), config)) as srv:
+        page = httpx.get(srv.url + "/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "default-src 'none'" in page.headers["content-security-policy"]
+        links = re.findall(r'(?:src|href)="([^"]*)"', page.text)
+        assert links and all(u.startswith("/web/") or u.startswith("data:") for u in links), links
+        imports = re.findall(r'from "([^"]+)"', (PAGE_DIR / "app.js").read_text())
+        assert imports and all(u.startswith("./") for u in imports), imports
+        for name in sorted(p.name for p in PAGE_DIR.iterdir()):
+            served = httpx.get(f"{srv.url}/web/{name}")
+            assert served.status_code == 200 and served.content == (PAGE_DIR / name).read_bytes(), name
+        assert httpx.get(srv.url + "/v1/sessions").status_code == 401
+        for path in ("/web/../v1/sessions", "/web/%2e%2e/v1/sessions", "/web/../../../../etc/passwd"):
+            conn = http.client.HTTPConnection(srv.host, srv.port, timeout=10)
+            conn.request("GET", path)  # sent as written: no client-side normalisation of the dots
+            answer = conn.getresponse()
+            assert answer.status == 404 and b'"data"' not in answer.read(), path
+            conn.close()
+
+
+@pytest.mark.serial  # a browser playing a video in real time against a server: run alone
+def test_the_page_runs_a_live_session(browser, server, tmp_path):
     page = Page(browser)
     api = server.api()
 
