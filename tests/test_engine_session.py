@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import MEDIA, tiny_model
@@ -77,6 +79,16 @@ def test_loading_into_a_different_model_is_refused(model, tmp_path):
     other = tiny_model(seed=1, sliding_window=12).config
     with pytest.raises(StateError, match="different model configuration .*sliding_window"):
         InfiniteVLState.load(path, other)
+    # states hold rotated keys and a running RoPE index: a model that numbers positions differently is refused
+    for change, name in (
+        (lambda c: setattr(c.text, "rope_theta", c.text.rope_theta * 2), "rope_theta"),
+        (lambda c: setattr(c.text, "mrope_section", list(reversed(c.text.mrope_section))), "mrope_section"),
+        (lambda c: setattr(c, "rope_index_mode", "transformers"), "rope_index_mode"),
+    ):
+        other = copy.deepcopy(model.config)
+        change(other)
+        with pytest.raises(StateError, match=f"different model configuration .*{name}"):
+            InfiniteVLState.load(path, other)
     (tmp_path / "bad.safetensors").write_bytes(b"not a state")
     with pytest.raises(StateError, match="not a readable state snapshot"):
         InfiniteVLState.load(tmp_path / "bad.safetensors")
