@@ -15,3 +15,4 @@ markdown. Nothing here changes the model or the engine: it only drives them.
 """
 
 SECTIONS = ("machine", "ops", "decode", "prefill", "memory", "streaming")
+CONFIG_NAMES = ("tiny", "mini", "4b")  # the measured configurations (`configs.py` builds them)

@@ -20,10 +20,10 @@ HELP = "stream a long held-out sequence through the default model and ask about 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help=HELP, description=__doc__.split("\n\n", 1)[1])
     p.add_argument("--frames", type=int, default=400, help="stream length in frames (one token each)")
-    p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--seed", type=int, default=2026, help="seed of the held-out stream and its questions")
     p.add_argument("--media", default=None, help="photographs for the backgrounds (default: ../shared/media)")
     p.add_argument("--video", default=None, help="video for models not trained on the task")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_args(p)
     p.set_defaults(func=run)
 
