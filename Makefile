@@ -8,11 +8,12 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup test lint demo bench bench-quick clean
 
+# PYTHONWARNINGS: setuptools prints a boxed notice on every editable install about layouts this project does not use
 $(STAMP): pyproject.toml requirements/ci.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements/ci.txt
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
