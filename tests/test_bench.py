@@ -101,6 +101,13 @@ def test_sections_measure_both_models(quick_run):
         point = memory[who][0]
         assert point["status"] == "measured", point
         assert point["peak_rss_bytes"] >= point["rss_end_bytes"] > 0 and point["state_bytes"] > 0
+    real = load("real")["configs"]["tiny"]  # one context per model built by a real prefill, against a filled one
+    for who in ("infinitevl", "baseline"):
+        r = real[who]
+        assert r["status"] == "measured", r
+        assert r["tokens"] == r["context"] and r["prefill_s"] > 0  # the tokens went through the model
+        assert r["real_state_bytes"] == r["filled_state_bytes"] > 0
+        assert r["peak_rss_real_bytes"] >= r["rss_real_bytes"] > 0
     stream = load("streaming")
     for who in ("infinitevl", "baseline"):
         frames = stream[who]["frames"]
@@ -127,6 +134,7 @@ def test_plots_and_report(quick_run):
     for heading in ("## Targets", "## The limit", "## Decode", "## Prefill", "## Memory", "## Streaming", "## Ops"):
         assert heading in text
     assert "Quick run" in text and "infinitevl bench" in text and "float32" in text
+    assert text.count("### Real tokens against filled contexts") == 2  # in the decode and the memory sections
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert len(links) == 5 and all((markdown.parent / link).exists() for link in links)
     # a quick run judges nothing: its sizes are too small for any target to mean something
