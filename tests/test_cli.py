@@ -53,7 +53,9 @@ def test_help_for_every_subcommand():
     assert run("--version").stdout.strip() == f"infinitevl {infinitevl.__version__}"
 
 
-def test_every_option_has_help_and_shows_its_default():
+def test_every_option_has_help_and_shows_its_default(monkeypatch):
+    monkeypatch.setenv("INFINITEVL_API_KEY", "not-for-your-eyes")
+    assert "not-for-your-eyes" not in subparsers()["serve"].format_help()  # a default from a secret is not shown
     for name, parser in subparsers().items():
         for action in parser._actions:
             if isinstance(action, argparse._HelpAction) or action.help is argparse.SUPPRESS:

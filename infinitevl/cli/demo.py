@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import CliError, add_model_args, load_engine, mb
+from .common import CliError, add_model_args, check_file, load_engine, mb
 
 HELP = "stream a long held-out sequence through the default model and ask about the far past"
 
@@ -29,6 +29,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    if args.frames < 16:
+        raise CliError("--frames must be at least 16")
+    if args.video:
+        check_file(args.video, "--video")
     from tqdm import tqdm
 
     from ..engine.generation import SamplingParams
@@ -40,8 +44,6 @@ def run(args) -> int:
     if size is None:
         return _video_demo(engine, args)
     media = Path(args.media) if args.media else MEDIA
-    if args.frames < 16:
-        raise CliError("--frames must be at least 16")
     rng = random.Random(args.seed)
     far = sorted({args.frames - 1 - rng.randrange(args.frames // 8), args.frames // 2, args.frames // 4, 40})
     stream, truth = probe_stream(

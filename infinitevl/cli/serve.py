@@ -25,7 +25,11 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     g.add_argument("--port", type=int, default=8000, help="TCP port (0: a free one)")
-    g.add_argument("--api-key", default=os.environ.get("INFINITEVL_API_KEY"), help="require 'Bearer KEY'")
+    g.add_argument(
+        "--api-key",
+        default=os.environ.get("INFINITEVL_API_KEY"),
+        help="require 'Bearer KEY' (default: $INFINITEVL_API_KEY, else none)",
+    )
     g.add_argument("--served-model-name", default=None, help="the model id clients use (default: infinitevl)")
     g.add_argument(
         "--log-level",
