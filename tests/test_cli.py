@@ -95,6 +95,10 @@ def test_an_unknown_option_gets_the_subcommands_usage_and_a_suggestion():
     assert "usage: infinitevl generate" in proc.stderr and "did you mean --max-new-tokens?" in proc.stderr
     proc = run("generat", "hi", check=False)
     assert proc.returncode == 2 and "did you mean generate?" in proc.stderr
+    proc = run("chat", "--top-p", "1.5", check=False)  # values out of range: refused by the parser, at once
+    assert (
+        proc.returncode == 2 and "usage: infinitevl chat" in proc.stderr and "--top-p: must be in (0, 1]" in proc.stderr
+    )
 
 
 @pytest.mark.parametrize(

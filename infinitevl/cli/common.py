@@ -38,6 +38,29 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 
 
+def _checked(kind, ok, rule: str):
+    """An argparse type: the value parsed by `kind` and within its range, so that a bad value is refused with the
+    command's usage at once (the engine's own checks need torch and the model code imported first)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number {rule}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule} (got {text})")
+        return value
+
+    parse.__name__ = f"number {rule}"
+    return parse
+
+
+COUNT = _checked(int, lambda v: v >= 0, ">= 0")
+NONNEGATIVE = _checked(float, lambda v: v >= 0, ">= 0")
+POSITIVE = _checked(float, lambda v: v > 0, "> 0")
+PROBABILITY = _checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
@@ -57,16 +80,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="longest answer, in tokens")
-    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0: all of them")
+    g.add_argument("--max-new-tokens", type=COUNT, default=max_new_tokens, help="longest answer, in tokens")
+    g.add_argument("--temperature", type=NONNEGATIVE, default=0.0, help="0: greedy")
+    g.add_argument("--top-k", type=COUNT, default=0, help="sample among the k likeliest tokens; 0: all of them")
     g.add_argument(
         "--top-p",
-        type=float,
+        type=PROBABILITY,
         default=1.0,
         help="nucleus sampling: the smallest set of tokens with this much probability; 1: off",
     )
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeated tokens")
+    g.add_argument("--repetition-penalty", type=POSITIVE, default=1.0, help="> 1 discourages repeated tokens")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: not seeded)")
 
