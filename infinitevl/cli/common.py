@@ -11,7 +11,8 @@ import re
 import sys
 from pathlib import Path
 
-DTYPES = ("bfloat16", "float16", "float32")  # torch dtype names, resolved when the model loads
+DTYPES = ("auto", "bfloat16", "float16", "float32")  # "auto" or a torch dtype's name, resolved when the model loads
+QUANTIZE = ("none", "int8", "int4")
 
 
 class CliError(RuntimeError):
@@ -71,9 +72,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dtype",
         choices=sorted(DTYPES),
-        default="float32",
-        help="weight dtype; bfloat16 halves the memory where the CPU or GPU computes in it",
+        default="auto",
+        help="weight and activation dtype; auto: bfloat16 where the CPU has bf16 instructions (avx512_bf16 or AMX), "
+        "else float32 (default: auto)",
     )
+    g.add_argument(
+        "--quantize",
+        choices=QUANTIZE,
+        default="none",
+        help="weight-only quantization of the decoder while loading: int8 (per row) or int4 (groups); the "
+        "embedding / lm_head become int8, the vision tower keeps --dtype (default: none)",
+    )
+    g.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64, 128 or 256 (default: 128)")
+    g.add_argument("--verbose", action="store_true", help="print the precision chosen and why")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     g.add_argument("--chunk-size", type=int, default=2048, help="prefill chunk length in tokens")
 
@@ -112,9 +123,11 @@ def sampling_from(args):
 
 
 def check_model_args(args) -> None:
-    """What can be checked about --model and --chunk-size without loading anything."""
+    """What can be checked about --model, --chunk-size and --group-size without loading anything."""
     if args.chunk_size < 1:
         raise CliError(f"--chunk-size must be >= 1 (got {args.chunk_size})")
+    if args.group_size is not None and args.quantize != "int4":
+        raise CliError("--group-size applies to --quantize int4 only")
     if args.model is not None:
         path = Path(args.model)
         if path.is_file():
@@ -155,12 +168,23 @@ def load_engine(args):
     import torch
 
     from ..engine.runtime import InfiniteVL
+    from ..ops.quant import QuantizationError
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CliError(f"--device {args.device}: CUDA is not available on this machine")
-    engine = InfiniteVL.load(
-        args.model, dtype=getattr(torch, args.dtype), device=args.device, chunk_size=args.chunk_size
-    )
+    try:
+        engine = InfiniteVL.load(
+            args.model,
+            dtype=args.dtype if args.dtype == "auto" else getattr(torch, args.dtype),
+            device=args.device,
+            chunk_size=args.chunk_size,
+            quantize=None if args.quantize == "none" else args.quantize,
+            group_size=args.group_size,
+        )
+    except QuantizationError as err:
+        raise CliError(str(err)) from err
+    if getattr(args, "verbose", False):
+        print(f"precision: {engine.describe_precision()}", file=sys.stderr)
     if engine.note:
         print(f"note: {engine.note}", file=sys.stderr, flush=True)
     return engine

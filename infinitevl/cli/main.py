@@ -13,10 +13,10 @@ import re
 import sys
 
 from .. import __version__
-from . import bench, chat, convert, demo, evaluate, generate, merge, miniature, serve, state, stream, train
+from . import bench, chat, convert, demo, evaluate, generate, merge, miniature, quantize, serve, state, stream, train
 from .common import HelpFormatter
 
-SUBCOMMANDS = [generate, chat, stream, demo, state, convert, train, merge, evaluate, serve, bench, miniature]
+SUBCOMMANDS = [generate, chat, stream, demo, state, convert, train, merge, quantize, evaluate, serve, bench, miniature]
 
 
 def did_you_mean(word: str, candidates) -> str:

@@ -107,7 +107,8 @@ def run(args) -> int:
         f"serving {name!r} on {args.host}:{args.port or '(a free port)'} "
         f"({'API key required' if config.api_key else 'no API key'}"
         f"; sessions {'in ' + str(config.state_dir) if config.state_dir else 'in memory only'}"
-        f"; local media {'under ' + str(config.media_root) if config.media_root else 'disabled'})",
+        f"; local media {'under ' + str(config.media_root) if config.media_root else 'disabled'})"
+        f"\nprecision: {engine.describe_precision()}",
         file=sys.stderr,
         flush=True,
     )

@@ -113,6 +113,8 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
 def _openai_routes(app: FastAPI, ctx: ServerContext) -> None:
     engine, config = ctx.engine, ctx.config
 
+    precision = engine.precision
+
     @app.get("/health", response_model=Health, tags=["server"])
     async def health() -> Health:
         """Liveness and load: queue length, active generations, sessions, and counters. Needs no API key."""
@@ -125,6 +127,7 @@ def _openai_routes(app: FastAPI, ctx: ServerContext) -> None:
             max_batch=s.max_batch,
             sessions=len(ctx.sessions.ids()),
             sessions_loaded=ctx.sessions.loaded_count(),
+            precision=precision,
             **s.counters,
         )
 
