@@ -8,11 +8,12 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup browser test lint demo bench bench-quick clean
 
+# PYTHONWARNINGS: setuptools prints a boxed notice on every editable install about layouts this project does not use
 $(STAMP): pyproject.toml requirements/ci.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements/ci.txt
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -43,8 +44,10 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/infinitevl bench --out docs/benchmarks
 
+# seconds, tiny sizes: checks that the benchmark code runs (its numbers mean nothing). Each run writes into a new
+# temporary folder; the last line printed is the report's path.
 bench-quick: $(STAMP)
-	$(VENV)/bin/infinitevl bench --quick --out /tmp/infinitevl-bench-quick
+	$(VENV)/bin/infinitevl bench --quick --out "$$(mktemp -d "$${TMPDIR:-/tmp}/infinitevl-bench-quick.XXXXXX")/bench"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -3,7 +3,8 @@
 Per Gated DeltaNet layer: the conv tails of q, k and v (the last K - 1 pre-conv inputs) and the memory S
 [B, H, Dk, Dv], always fp32. Per sliding-window layer: a ring buffer of the last W - 1 rotated keys and values with
 their stream positions (-1 = empty). Per stream: the running RoPE index (`next_position`) and the number of tokens
-seen (`num_tokens`, which is also the stream position of the next token). Nothing here grows with the input; the
+seen (`num_tokens`, which is also the stream position of the next token). Both are [B] int64 tensors that the model
+updates in place, one entry per stream; `tokens_seen` is the count of a one-stream state as a plain int. Nothing here grows with the input; the
 byte size is fixed at allocation (`nbytes`). Full-attention layers (teacher-style models only) get a cache of a
 fixed `max_context` and refuse to go past it.
 
@@ -155,6 +156,13 @@ class InfiniteVLState:
     @property
     def batch_size(self) -> int:
         return self.num_tokens.shape[0]
+
+    @property
+    def tokens_seen(self) -> int:
+        """Tokens this (one-stream) state has seen, as an int; `num_tokens[i]` is stream i's count in a batch."""
+        if self.batch_size != 1:
+            raise StateError(f"this state holds {self.batch_size} streams: num_tokens[i] is stream i's count")
+        return int(self.num_tokens[0])
 
     @property
     def dtype(self) -> torch.dtype:

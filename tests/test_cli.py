@@ -1,7 +1,9 @@
-"""Every subcommand through the real `infinitevl` entry point (a subprocess), on a tiny model folder."""
+"""Every subcommand through the real `infinitevl` entry point (a subprocess), on a tiny model folder; the parser's
+help, its speed (nothing heavy imported before a command runs) and the checks made before a model loads."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -12,10 +14,13 @@ from pathlib import Path
 import pytest
 from conftest import MEDIA
 
+import infinitevl
+from infinitevl.cli.main import build_parser
 from infinitevl.defaults import make_untrained_model
 
 DATA = MEDIA / "mllm_demo" / "mllm_demo_data"
 EXE = Path(sys.executable).with_name("infinitevl")
+HEAVY = ("torch", "transformers", "safetensors", "av", "fastapi", "matplotlib", "accelerate")
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +40,102 @@ def run(*args, stdin: str | None = None, env_cache=None, check=True):
     return proc
 
 
+def subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    return next(a for a in parser._subparsers._group_actions if a.choices).choices
+
+
 def test_help_for_every_subcommand():
     out = run("--help").stdout
     for sub in ("generate", "chat", "stream", "state"):
         assert sub in out
         assert "usage: infinitevl " + sub in run(sub, "--help").stdout
+    assert run("--version").stdout.strip() == f"infinitevl {infinitevl.__version__}"
+
+
+def test_every_option_has_help_and_shows_its_default(monkeypatch):
+    monkeypatch.setenv("INFINITEVL_API_KEY", "not-for-your-eyes")
+    assert "not-for-your-eyes" not in subparsers()["serve"].format_help()  # a default from a secret is not shown
+    for name, parser in subparsers().items():
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction) or action.help is argparse.SUPPRESS:
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest}: no help text"
+            shown = action.default not in (None, [], argparse.SUPPRESS) and action.default is not False
+            if action.option_strings and shown:
+                shown_help = parser._get_formatter()._format_action(action)  # as --help prints it
+                assert "default" in shown_help, f"{name} {action.option_strings[-1]}: default not shown"
+    assert "--dump-first-grads" not in subparsers()["sft"].format_help()  # a testing aid, hidden
+
+
+def test_parsing_imports_nothing_heavy():
+    """--help, --version and the parsing of every command line import no torch, transformers or model code: they
+    answer at once. Checked on what is imported, not on time (a subprocess, so this process's imports do not
+    count)."""
+    code = (
+        "import sys\n"
+        "from infinitevl.cli.main import build_parser, parse\n"
+        "for argv in (['--help'], ['--version'], *[[c, '--help'] for c in build_parser()._subparsers"
+        "._group_actions[0].choices]):\n"
+        "    try:\n"
+        "        parse(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "parse(['generate', 'hi', '--image', 'x.jpg', '--max-new-tokens', '3'])\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_an_unknown_option_gets_the_subcommands_usage_and_a_suggestion():
+    proc = run("generate", "hi", "--max-tokens", "5", check=False)
+    assert proc.returncode == 2
+    assert "usage: infinitevl generate" in proc.stderr and "did you mean --max-new-tokens?" in proc.stderr
+    proc = run("generat", "hi", check=False)
+    assert proc.returncode == 2 and "did you mean generate?" in proc.stderr
+    proc = run("chat", "--top-p", "1.5", check=False)  # values out of range: refused by the parser, at once
+    assert (
+        proc.returncode == 2 and "usage: infinitevl chat" in proc.stderr and "--top-p: must be in (0, 1]" in proc.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "hi", "--image", "missing.jpg"], "--image missing.jpg: no such file"),
+        (["generate", "hi", "--image", str(DATA / "1.jpg"), "--video", "gone.mp4"], "--video gone.mp4: no such file"),
+        (["generate", "hi", "--image", "https://example.com/a.jpg"], "URLs are not fetched here"),
+        (["generate", "hi", "--model", "no/such/folder"], "no model folder at no/such/folder"),
+        (["stream", "missing.mp4"], "missing.mp4: no such file or folder"),
+        (["stream", str(DATA / "1.mp4"), "--size", "30"], "--size 30 is not a positive multiple of 28"),
+        (["stream", str(DATA / "1.mp4"), "--load-state", "old.safetensors"], "--load-state old.safetensors"),
+        (["state", "missing.safetensors"], "snapshot missing.safetensors: no such file"),
+    ],
+)
+def test_inputs_are_checked_before_anything_heavy_loads(argv, message, tmp_path):
+    """A mistake in the command line is reported before torch (let alone the model) is imported."""
+    code = (
+        "import sys\n"
+        "from infinitevl.cli.main import main\n"
+        f"rc = main({argv!r})\n"
+        f"print(rc, sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.stdout.strip() == "1 []", proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_python_api_counts_tokens_as_an_int():
+    from infinitevl.config import tiny_config
+    from infinitevl.state import InfiniteVLState, StateError
+
+    state = InfiniteVLState.allocate(tiny_config())
+    state.num_tokens += 7  # what the model does as tokens go through it
+    assert state.tokens_seen == 7 and type(state.tokens_seen) is int
+    with pytest.raises(StateError, match="2 streams"):
+        InfiniteVLState.allocate(tiny_config(), batch_size=2).tokens_seen  # noqa: B018
 
 
 def test_generate_with_images_streams_text(model_dir):
@@ -61,11 +157,11 @@ def test_generate_with_images_streams_text(model_dir):
         "--seed",
         "1",
     )
-    assert "untrained" in proc.stderr
+    assert proc.stderr.count("untrained") == 1  # the model's note, once
     assert proc.stdout.endswith("\n")
 
 
-def test_chat_is_multi_turn_with_images(model_dir):
+def test_chat_is_multi_turn_with_images(model_dir, tmp_path):
     proc = run(
         "chat",
         "--model",
@@ -74,8 +170,29 @@ def test_chat_is_multi_turn_with_images(model_dir):
         "4",
         stdin=f"Hello\n/image {DATA / '3.jpg'}\nWhat is this?\n/stats\n/nonsense\n/quit\n",
     )
-    assert "[image queued" in proc.stderr and "turns 2" in proc.stderr and "unknown command /nonsense" in proc.stderr
+    assert "[image attached" in proc.stderr and "turns 2" in proc.stderr and "unknown command /nonsense" in proc.stderr
     assert len(proc.stdout.splitlines()) >= 2
+    assert proc.stderr.count("untrained") == 1  # the model's note, once for the whole conversation
+
+
+def test_a_mistake_never_ends_a_chat(model_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("plain text")
+    proc = run(
+        "chat",
+        "--model",
+        model_dir,
+        "--max-new-tokens",
+        "2",
+        stdin=f"/image {tmp_path / 'missing.jpg'}\n/image {not_an_image}\nHello\n/save {blocker / 'x.safetensors'}\n"
+        "Still there?\n/stats\n",
+    )
+    assert "missing.jpg: no such file; nothing attached" in proc.stderr
+    assert "cannot decode image" in proc.stderr
+    assert "[error:" in proc.stderr  # the failed save
+    assert "turns 2" in proc.stderr and "Traceback" not in proc.stderr  # both messages answered, text only
 
 
 def test_stream_a_video_and_a_frame_folder_then_inspect_the_state(model_dir, tmp_path):
@@ -111,8 +228,11 @@ def test_stream_a_video_and_a_frame_folder_then_inspect_the_state(model_dir, tmp
     assert "9 frames" in proc.stdout  # the resumed stream counts its first 6 frames too
     text = run("state", snap).stdout
     assert "gated_deltanet" in text and "ring 23 slots" in text
-    info = json.loads(run("state", snap, "--json").stdout)
-    assert info["tokens"][0] > 6 * 16 and json.loads(info["extra"]["counters"])["frames"] == 6
+    assert "session: 6 frames" in text and "open run of live frames: timestamps 0-2.5" in text
+    info = json.loads(run("state", snap, "--json").stdout)  # plain JSON: numbers and objects, no JSON in strings
+    assert info["tokens"][0] > 6 * 16 and info["counters"]["frames"] == 6
+    assert info["segment"]["first_time"] == 0.0 and info["segment"]["last_time"] == pytest.approx(2.5, abs=0.05)
+    assert info["extra"] == {}
 
 
 def test_errors_are_one_line_unless_debug(model_dir, tmp_path):
@@ -129,4 +249,5 @@ def test_errors_are_one_line_unless_debug(model_dir, tmp_path):
 def test_without_model_the_bundled_trained_model_runs(tmp_path):
     proc = run("generate", "Which digit was last shown with tag A?", "--max-new-tokens", "3", env_cache=tmp_path)
     assert "untrained" not in proc.stderr
+    assert proc.stderr.count("note: the bundled model") == 1 and "--model" in proc.stderr  # what it can and cannot do
     assert not (tmp_path / "untrained-tiny").exists()  # the stand-in is only built when no model ships

@@ -8,6 +8,7 @@ Sections (each a module with a `run(plan, ...)` that returns a JSON-able dict):
     decode     per-token latency against context length, both models, and achieved / bandwidth floor
     prefill    time and tokens/s for a prompt of N tokens, both models
     memory     peak process memory (a fresh subprocess per point) and state / KV-cache bytes against context
+    real       one long context built from real tokens against the filled one decode and memory use (both models)
     streaming  frames per second over a long stream of 448x448 frames, end to end and decoder only
     precision  fp32 / bf16 / int8 / int4 at real size: load, peak memory, decode, prefill, vision; llama.cpp beside
     quality    bf16 / int8 / int4 against fp32 on the bundled trained model and the official fixture
@@ -16,4 +17,5 @@ Sections (each a module with a `run(plan, ...)` that returns a JSON-able dict):
 markdown. Nothing here changes the model or the engine: it only drives them.
 """
 
-SECTIONS = ("machine", "ops", "decode", "prefill", "memory", "streaming", "precision", "quality")
+SECTIONS = ("machine", "ops", "decode", "prefill", "memory", "real", "streaming", "precision", "quality")
+CONFIG_NAMES = ("tiny", "mini", "4b")  # the measured configurations (`configs.py` builds them)

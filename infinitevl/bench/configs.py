@@ -30,8 +30,8 @@ from torch import nn
 
 from ..config import InfiniteVLConfig, TextConfig, VisionConfig, tiny_config
 from ..state import AttentionLayerState, InfiniteVLState
+from . import CONFIG_NAMES
 
-CONFIG_NAMES = ("tiny", "mini", "4b")
 MINI_VOCAB = 32768
 
 

@@ -7,7 +7,10 @@ context that fits (from the same prediction) is measured too. Then the baseline 
 baseline's longest one included, and beyond (its cost does not depend on the context). Only one 4B model is in
 memory at a time.
 
-Contexts are produced by filling (see `configs.py`), which is equivalent for timing. Each model is warmed up once
+Contexts are not processed but filled with random values (see `configs.py`): the rings and memories of
+InfiniteVL's state, N random keys and values in the baseline's cache. A decode step does the same work on them as
+after a real prefill, which the `real` section checks at 64K tokens (the table "Real tokens against filled
+contexts"); but InfiniteVL's constant state size here is true by construction. Each model is warmed up once
 (3 x `warmup` untimed steps). Baseline points get one untimed step, then repeated `decode_step` calls (the context
 grows by one token per call) until `repeats` or `point_seconds`. InfiniteVL's contexts each get a filled state and
 are timed in turn, one step each per round, `repeats` rounds; all repetitions are kept.

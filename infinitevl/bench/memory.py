@@ -2,7 +2,11 @@
 
 Each point runs in a fresh subprocess (`python -m infinitevl.bench.memory TASK`), because a process's peak RSS
 only ever grows: the worker builds one model, fills its state or cache to the context, runs a few decode steps and
-reports its RSS after each phase and its peak (getrusage). Baseline points that would not fit in the RAM available
+reports its RSS after each phase and its peak (VmHWM). Filled, not processed: the state or cache gets random values
+for N tokens (see `configs.py`), so InfiniteVL's flat memory here is true by construction and no prefill's working
+memory is counted. The `real` section builds one context per model by a real prefill (the table "Real tokens
+against filled contexts"), and `tests/test_constant_memory.py` processes 200K real tokens through a tiny model with
+the state bytes, process memory and time per chunk checked flat. Baseline points that would not fit in the RAM available
 (with a reserve kept for the rest of the machine) are predicted and skipped, never attempted. The state / KV bytes
 are also computed from the configs for every context of the grid, so the plot shows the whole curve.
 """

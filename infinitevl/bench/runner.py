@@ -39,6 +39,8 @@ class Plan:
     prefill: dict[str, dict]
     memory_configs: list[str]
     memory: dict[str, dict]
+    real_configs: list[str]
+    real: dict[str, dict]
     streaming: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     threads: int | None = None  # torch threads for the run (None: torch's default, one per core)
@@ -54,6 +56,7 @@ class Plan:
         plan.decode_configs = keep(plan.decode_configs)
         plan.prefill_configs = keep(plan.prefill_configs)
         plan.memory_configs = keep(plan.memory_configs)
+        plan.real_configs = keep(plan.real_configs)
         if plan.streaming.get("config") not in configs:
             plan.streaming = {**plan.streaming, "skip": True}
         if plan.precision.get("config") not in configs:
@@ -70,7 +73,7 @@ class Plan:
             }
         if name == "ops":
             return self.ops
-        if name in ("decode", "prefill", "memory"):
+        if name in ("decode", "prefill", "memory", "real"):
             names = getattr(self, f"{name}_configs")
             return {n: getattr(self, name)[n] for n in names}
         if name in ("precision", "quality"):
@@ -164,6 +167,9 @@ def full_plan() -> Plan:
                 curve_contexts=[4**i * K for i in range(8)],
             ),
         },
+        # the 4b is left out: a real 64K prefill of it would take about an hour on a 2-core CPU
+        real_configs=["mini"],
+        real={"mini": dict(context=64 * K, repeats=20, warmup=3, worker_timeout=1800)},
         streaming=dict(
             config="mini",
             frame_size=448,
@@ -248,6 +254,8 @@ def quick_plan() -> Plan:
                 parallel=True,
             ),
         },
+        real_configs=["tiny"],
+        real={"tiny": dict(context=1 * K, repeats=2, warmup=1, worker_timeout=120, parallel=True)},
         streaming=dict(
             config="tiny",
             frame_size=112,
@@ -307,7 +315,7 @@ def _bandwidth(plan: Plan, out: Path, progress) -> float:
 
 
 def run_section(name: str, plan: Plan, out: Path, progress) -> dict[str, Any]:
-    from . import decode, memory, ops, prefill, streaming
+    from . import decode, memory, ops, prefill, real, streaming
 
     if name == "machine":
         return machine.run(plan, progress)
@@ -323,6 +331,8 @@ def run_section(name: str, plan: Plan, out: Path, progress) -> dict[str, Any]:
         if previous is not None:
             longest = {n: c.get("baseline_longest_context") for n, c in previous["result"]["configs"].items()}
         return memory.run(plan, progress, longest)
+    if name == "real":
+        return real.run(plan, progress)
     if name == "streaming":
         return streaming.run(plan, progress)
     if name == "precision":

@@ -18,8 +18,7 @@ HELP = "benchmark InfiniteVL against the Transformer baseline (JSON, plots, docs
 
 
 def add_parser(sub) -> None:
-    from ..bench import SECTIONS
-    from ..bench.configs import CONFIG_NAMES
+    from ..bench import CONFIG_NAMES, SECTIONS
 
     p = sub.add_parser("bench", help=HELP, description=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", default="docs/benchmarks", help="folder for the JSON and PNG files")
@@ -50,8 +49,7 @@ def run(args) -> int:
     missing = [m for m in ("matplotlib", "psutil") if importlib.util.find_spec(m) is None]
     if missing:
         raise CliError(f"the benchmarks need {' and '.join(missing)}: pip install -e .[bench]")
-    from ..bench import SECTIONS, report
-    from ..bench.configs import CONFIG_NAMES
+    from ..bench import CONFIG_NAMES, SECTIONS, report
     from ..bench.runner import full_plan, quick_plan
     from ..bench.runner import run as run_bench
     from ..bench.timing import Progress

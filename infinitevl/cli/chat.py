@@ -1,15 +1,26 @@
 """`infinitevl chat`: an interactive multi-turn conversation in constant memory.
 
-Lines typed are user messages; `/image PATH` attaches an image to the next message, `/stats` shows the state,
-`/save PATH` writes a snapshot, `/reset` starts over, `/quit` (or end of input) leaves."""
+Lines typed are user messages; `/image PATH` attaches an image to the next message (the file is read at once),
+`/stats` shows the state, `/save PATH` writes a snapshot, `/reset` starts over, `/quit` (or end of input) leaves.
+A mistake (a missing file, a failed save) is reported and the conversation goes on."""
 
 from __future__ import annotations
 
 import sys
 
-from .common import add_model_args, add_sampling_args, load_engine, mb, sampling_from
+from .common import (
+    CliError,
+    add_model_args,
+    add_sampling_args,
+    check_model_args,
+    load_engine,
+    mb,
+    read_image,
+    sampling_from,
+)
 
 HELP = "interactive multi-turn chat (images by path with /image PATH)"
+COMMANDS = "/image PATH, /stats, /save PATH, /reset, /quit"
 
 
 def add_parser(sub) -> None:
@@ -20,11 +31,16 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def say(text: str) -> None:
+    print(f"[{text}]", file=sys.stderr, flush=True)
+
+
 def run(args) -> int:
-    engine = load_engine(args)
+    check_model_args(args)
     sampling = sampling_from(args)
+    engine = load_engine(args)
     session = engine.session(args.system)
-    pending: list[str] = []
+    pending: list = []  # images for the next message, already decoded
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -37,28 +53,38 @@ def run(args) -> int:
             continue
         if line in ("/quit", "/exit"):
             break
-        if line.startswith("/image "):
-            pending.append(line[len("/image ") :].strip())
-            print(f"[image queued: {pending[-1]}]", file=sys.stderr)
-            continue
-        if line == "/reset":
-            session, pending = engine.session(args.system), []
-            print("[conversation reset]", file=sys.stderr)
-            continue
-        if line == "/stats":
-            s = session.stats
-            print(f"[tokens {s.tokens}, state {mb(s.state_bytes)}, turns {s.questions}]", file=sys.stderr)
-            continue
-        if line.startswith("/save "):
-            print(f"[saved {session.save(line[len('/save ') :].strip())}]", file=sys.stderr)
-            continue
-        if line.startswith("/"):
-            print(
-                f"[unknown command {line.split()[0]}; known: /image PATH, /stats, /save PATH, /reset, /quit]",
-                file=sys.stderr,
-            )
-            continue
-        answer = session.chat(line, sampling, images=pending)
-        pending = []
-        print(answer, flush=True)
+        try:
+            if line.startswith("/"):
+                session, pending = command(line, engine, session, pending, args)
+                continue
+            images, pending = pending, []  # attached to this message only, even if it fails
+            print(session.chat(line, sampling, images=images), flush=True)
+        except Exception as err:  # an error never ends the conversation
+            if args.debug:
+                raise
+            say(f"error: {err}")
     return 0
+
+
+def command(line: str, engine, session, pending: list, args):
+    """One /command; returns the (possibly new) session and the pending images."""
+    name, _, rest = line.partition(" ")
+    rest = rest.strip()
+    if name == "/image" and rest:
+        try:
+            pending.append(read_image(rest, "/image"))
+        except CliError as err:
+            say(f"{err}; nothing attached")
+            return session, pending
+        say(f"image attached to the next message: {rest}")
+    elif name == "/reset":
+        session, pending = engine.session(args.system), []
+        say("conversation reset")
+    elif name == "/stats":
+        s = session.stats
+        say(f"tokens {s.tokens}, state {mb(s.state_bytes)}, turns {s.questions}")
+    elif name == "/save" and rest:
+        say(f"saved {session.save(rest)}")
+    else:
+        say(f"unknown command {line}; known: {COMMANDS}")
+    return session, pending

@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
         "the teacher), or a comma list of linear/sliding/full",
     )
     p.add_argument("--window", type=int, default=8192, help="sliding window of the softmax layers (0: full)")
-    p.add_argument("--expand-v", type=float, default=2)
+    p.add_argument("--expand-v", type=float, default=2, help="GDN value width as a multiple of the key width")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="storage dtype (default: fp32)")
     p.set_defaults(func=run)
 

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import CliError, add_model_args, load_engine, mb
+from .common import CliError, add_model_args, check_file, load_engine, mb
 
 HELP = "stream a long held-out sequence through the default model and ask about the far past"
 
@@ -19,15 +19,19 @@ HELP = "stream a long held-out sequence through the default model and ask about 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help=HELP, description=__doc__.split("\n\n", 1)[1])
     p.add_argument("--frames", type=int, default=400, help="stream length in frames (one token each)")
-    p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--seed", type=int, default=2026, help="seed of the held-out stream and its questions")
     p.add_argument("--media", default=None, help="photographs for the backgrounds (default: ../shared/media)")
     p.add_argument("--video", default=None, help="video for models not trained on the task")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.frames < 16:
+        raise CliError("--frames must be at least 16")
+    if args.video:
+        check_file(args.video, "--video")
     from tqdm import tqdm
 
     from ..engine.generation import SamplingParams
@@ -39,8 +43,6 @@ def run(args) -> int:
     if size is None:
         return _video_demo(engine, args)
     media = Path(args.media) if args.media else MEDIA
-    if args.frames < 16:
-        raise CliError("--frames must be at least 16")
     stream, truth = demo_stream(args.frames, args.seed, media if media.exists() else None)
     session = engine.session(frame_size=(FRAME, FRAME))
     print(

@@ -12,11 +12,11 @@ def add_parser(sub) -> None:
     p.add_argument("--model", required=True, help="student folder")
     p.add_argument("--teacher", default=None, help="teacher folder (Qwen2.5-VL or InfiniteVL)")
     p.add_argument("--data", required=True, help="held-out data (.json/.jsonl conversations or text)")
-    p.add_argument("--max-length", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--max-batches", type=int, default=None)
-    p.add_argument("--image-max-pixels", type=int, default=512 * 512)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--max-length", type=int, default=2048, help="tokens per sample (longer ones are cut)")
+    p.add_argument("--batch-size", type=int, default=1, help="samples per forward pass")
+    p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches (default: all)")
+    p.add_argument("--image-max-pixels", type=int, default=512 * 512, help="images larger than this are resized down")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=run)
 
 

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_model_args, add_sampling_args, load_engine, sampling_from
+from .common import (
+    CliError,
+    add_model_args,
+    add_sampling_args,
+    check_file,
+    check_model_args,
+    load_engine,
+    read_image,
+    sampling_from,
+)
 
 HELP = "answer one prompt (with optional images / video), streaming the text"
 
@@ -15,7 +24,7 @@ def add_parser(sub) -> None:
     p.add_argument("--image", action="append", default=[], help="image file (repeatable, in order)")
     p.add_argument("--video", default=None, help="video file")
     p.add_argument("--video-fps", type=float, default=2.0, help="video sampling rate (frames per second)")
-    p.add_argument("--video-max-frames", type=int, default=64)
+    p.add_argument("--video-max-frames", type=int, default=64, help="most frames taken from the video")
     p.add_argument("--system", default=None, help="system prompt")
     add_model_args(p)
     add_sampling_args(p)
@@ -23,8 +32,15 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    check_model_args(args)
+    images = [read_image(path, "--image") for path in args.image]
+    if args.video:
+        check_file(args.video, "--video")
+    if args.video_fps <= 0 or args.video_max_frames < 1:
+        raise CliError("--video-fps must be > 0 and --video-max-frames >= 1")
+    sampling = sampling_from(args)
     engine = load_engine(args)
-    content = [{"type": "image", "image": path} for path in args.image]
+    content = [{"type": "image", "image": image} for image in images]
     if args.video:
         content.append(
             {"type": "video", "video": args.video, "fps": args.video_fps, "max_frames": args.video_max_frames}
@@ -33,7 +49,7 @@ def run(args) -> int:
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": content}
     ]
-    for piece in engine.generate_stream(messages, sampling_from(args)):
+    for piece in engine.generate_stream(messages, sampling):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

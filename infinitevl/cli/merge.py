@@ -9,7 +9,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("merge", help=HELP, description=HELP)
     p.add_argument("--base", required=True, help="the model the adapters were trained on")
     p.add_argument("--adapters", required=True, help="adapter folder written by sft-long (out/adapters)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder for the merged checkpoint")
     p.set_defaults(func=run)
 
 

@@ -24,13 +24,22 @@ def add_parser(sub) -> None:
     p = sub.add_parser("serve", help=HELP, description=__doc__.split("\n\n", 1)[1])
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    g.add_argument("--port", type=int, default=8000)
-    g.add_argument("--api-key", default=os.environ.get("INFINITEVL_API_KEY"), help="require 'Bearer KEY'")
+    g.add_argument("--port", type=int, default=8000, help="TCP port (0: a free one)")
+    g.add_argument(
+        "--api-key",
+        default=os.environ.get("INFINITEVL_API_KEY"),
+        help="require 'Bearer KEY' (default: $INFINITEVL_API_KEY, else none)",
+    )
     g.add_argument("--served-model-name", default=None, help="the model id clients use (default: infinitevl)")
-    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="server log level",
+    )
     g = p.add_argument_group("sessions")
     g.add_argument("--state-dir", default=None, help="keep sessions and snapshots here (restored on restart)")
-    g.add_argument("--max-sessions", type=int, default=d.max_sessions)
+    g.add_argument("--max-sessions", type=int, default=d.max_sessions, help="streaming sessions held at once")
     g.add_argument(
         "--session-idle-timeout",
         type=float,
@@ -43,17 +52,19 @@ def add_parser(sub) -> None:
     g.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before answering 429")
     g.add_argument("--max-batch", type=int, default=d.max_batch, help="generations decoded together (one state each)")
     g.add_argument("--max-request-tokens", type=int, default=d.max_request_tokens, help="prompt + completion")
-    g.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
+    g.add_argument(
+        "--default-max-tokens", type=int, default=d.default_max_tokens, help="answer length when a request gives none"
+    )
     g = p.add_argument_group("media and limits")
     g.add_argument("--media-root", default=None, help="allow file paths in requests, confined to this folder")
     g.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image and video URLs")
     g.add_argument("--remote-allow-private", action="store_true", help="let remote URLs reach private addresses")
-    g.add_argument("--remote-max-bytes", type=int, default=d.remote_max_bytes)
+    g.add_argument("--remote-max-bytes", type=int, default=d.remote_max_bytes, help="largest remote download")
     g.add_argument("--remote-timeout", type=float, default=d.remote_timeout, help="seconds per download")
-    g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="largest request body")
     g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="before resizing")
-    g.add_argument("--max-video-seconds", type=float, default=d.max_video_seconds)
-    g.add_argument("--max-video-frames", type=int, default=d.max_video_frames)
+    g.add_argument("--max-video-seconds", type=float, default=d.max_video_seconds, help="longest video accepted")
+    g.add_argument("--max-video-frames", type=int, default=d.max_video_frames, help="most frames taken from a video")
     g.add_argument("--video-fps", type=float, default=d.video_fps, help="frames sampled per second of video")
     add_model_args(p)
     p.set_defaults(func=run)

@@ -1,23 +1,51 @@
-"""`infinitevl state`: what a saved stream snapshot holds."""
+"""`infinitevl state`: what a saved stream snapshot holds.
+
+Text for people (the stream's counts, the open run of live frames, the session's counters, the memory per layer
+kind) or plain JSON with `--json` (numbers as numbers, nested objects, no JSON inside strings)."""
 
 from __future__ import annotations
 
 import json
 
-from ..state import AttentionLayerState, InfiniteVLState
-from .common import mb
+from .common import check_file, mb
 
 HELP = "inspect a saved state snapshot"
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("state", help=HELP, description=HELP)
+    p = sub.add_parser("state", help=HELP, description=__doc__.split("\n\n", 1)[1])
     p.add_argument("path", help="snapshot file written by a session, `stream --save-state` or the server")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=run)
 
 
+def _segment(text: str) -> dict | None:
+    """A session's open run of live frames, saved as "start,first_time,last_time,last_t" (see StreamSession)."""
+    if not text:
+        return None
+    try:
+        start, first_time, last_time, last_t = text.split(",")
+        return {
+            "rope_start": int(start),
+            "first_time": float(first_time),
+            "last_time": float(last_time),
+            "last_temporal_index": int(last_t),
+        }
+    except ValueError:  # a layout this version does not know: shown as saved
+        return {"saved_as": text}
+
+
+def _value(text: str):
+    """A metadata value: JSON when it is JSON (the session's counters), else the string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def describe(path) -> dict:
+    from ..state import AttentionLayerState, InfiniteVLState
+
     state = InfiniteVLState.load(path)
     meta = InfiniteVLState.read_metadata(path)
     layers = []
@@ -29,28 +57,38 @@ def describe(path) -> dict:
         else:
             entry.update(memory=list(layer.memory.shape))
         layers.append(entry)
+    extra = {k: v for k, v in meta.items() if k not in ("format", "fingerprint", "windows", "segment", "counters")}
     return {
         "path": str(path),
         "format": meta.get("format"),
         "batch_size": state.batch_size,
-        "tokens": state.num_tokens.tolist(),
+        "tokens": state.num_tokens.tolist(),  # one count per stream
         "next_position": state.next_position.tolist(),
         "dtype": str(state.dtype).replace("torch.", ""),
         "bytes": state.nbytes,
         "model": state.fingerprint,
         "layers": layers,
-        "extra": {k: v for k, v in meta.items() if k not in ("format", "fingerprint", "windows")},
+        "segment": _segment(meta.get("segment", "")),
+        "counters": json.loads(meta["counters"]) if meta.get("counters") else None,
+        "extra": {k: _value(v) for k, v in extra.items()},
     }
 
 
+def _one(values: list):
+    """A per-stream list shown as its single value when the snapshot holds one stream."""
+    return values[0] if len(values) == 1 else values
+
+
 def run(args) -> int:
+    check_file(args.path, "snapshot")
     info = describe(args.path)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     m = info["model"]
     print(f"{info['path']}: {info['format']}")
-    print(f"  streams {info['batch_size']}, tokens seen {info['tokens']}, next RoPE index {info['next_position']}")
+    streams = "" if info["batch_size"] == 1 else f"{info['batch_size']} streams, "
+    print(f"  {streams}tokens seen {_one(info['tokens'])}, next RoPE index {_one(info['next_position'])}")
     print(f"  state {mb(info['bytes'])} ({info['bytes']} bytes), dtype {info['dtype']} (GDN memory fp32)")
     print(
         f"  model: {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, window {m['sliding_window']}, "
@@ -65,6 +103,18 @@ def run(args) -> int:
         if kind == "attention":
             extra = f", ring {layers[0]['capacity']} slots, filled {layers[0]['filled']}"
         print(f"  {len(layers)} {kind} layers: {mb(total)}{extra}")
+    seg = info["segment"]
+    if seg and "saved_as" in seg:
+        print(f"  open run of live frames: {seg['saved_as']}")
+    elif seg:
+        print(
+            f"  open run of live frames: timestamps {seg['first_time']:g}-{seg['last_time']:g} s, RoPE block from "
+            f"{seg['rope_start']}, last temporal index {seg['last_temporal_index']}"
+        )
+    counters = info["counters"]
+    if counters:
+        shown = ", ".join(f"{v:.1f} s ingesting" if k == "ingest_seconds" else f"{v} {k}" for k, v in counters.items())
+        print(f"  session: {shown}")
     for k, v in info["extra"].items():
         print(f"  {k}: {v}")
     return 0

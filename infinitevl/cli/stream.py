@@ -10,8 +10,16 @@ import sys
 import time
 from pathlib import Path
 
-from ..processing.media import frames_from_folder, iter_video
-from .common import CliError, add_model_args, add_sampling_args, load_engine, mb, sampling_from
+from .common import (
+    CliError,
+    add_model_args,
+    add_sampling_args,
+    check_file,
+    check_model_args,
+    load_engine,
+    mb,
+    sampling_from,
+)
 
 HELP = "stream a video file or a folder of frames, answering scheduled questions"
 
@@ -37,7 +45,7 @@ def add_parser(sub) -> None:
         default=None,
         help="frame side in pixels, a multiple of 28 (default: the model's own, else 448 = 256 tokens)",
     )
-    p.add_argument("--max-frames", type=int, default=None)
+    p.add_argument("--max-frames", type=int, default=None, help="stop after this many frames (default: all)")
     p.add_argument(
         "--ask",
         action="append",
@@ -50,13 +58,34 @@ def add_parser(sub) -> None:
     p.add_argument("--loops", type=int, default=1, help="play the source this many times (a longer stream)")
     p.add_argument("--load-state", default=None, help="continue a saved stream")
     p.add_argument("--save-state", default=None, help="write the stream's state here at the end")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_args(p)
     add_sampling_args(p, max_new_tokens=48)
     p.set_defaults(func=run)
 
 
+def check_inputs(args) -> Path:
+    """Everything about the command line that can be wrong, checked before the model loads."""
+    source = Path(args.source)
+    if not source.exists():
+        raise CliError(f"{source}: no such file or folder")
+    check_model_args(args)
+    if args.fps <= 0:
+        raise CliError(f"--fps must be > 0 (got {args.fps:g})")
+    if args.size is not None and (args.size < 28 or args.size % 28):
+        raise CliError(f"--size {args.size} is not a positive multiple of 28")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise CliError(f"--max-frames must be >= 1 (got {args.max_frames})")
+    if args.loops < 1:
+        raise CliError(f"--loops must be >= 1 (got {args.loops})")
+    if args.load_state:
+        check_file(args.load_state, "--load-state")
+    return source
+
+
 def frames(source: Path, fps: float, max_frames: int | None, loops: int):
+    from ..processing.media import frames_from_folder, iter_video
+
     offset = 0.0
     count = 0
     for _ in range(loops):
@@ -72,20 +101,17 @@ def frames(source: Path, fps: float, max_frames: int | None, loops: int):
 
 
 def run(args) -> int:
+    source = check_inputs(args)
+    schedule = sorted(parse_question(q) for q in args.ask)
+    sampling = sampling_from(args)
+
     from tqdm import tqdm
 
     from ..engine.session import StreamSession
 
-    source = Path(args.source)
-    if not source.exists():
-        raise CliError(f"{source}: no such file or folder")
-    schedule = sorted(parse_question(q) for q in args.ask)
-    sampling = sampling_from(args)
     engine = load_engine(args)
     if args.size is None:
         args.size = (engine.model.config.extra.get("infinitevl_frame_size") or [448])[0]
-    if args.size % 28:
-        raise CliError(f"--size {args.size} is not a multiple of 28")
     size = (args.size, args.size)
     if args.load_state:
         session = StreamSession.restore(

@@ -7,6 +7,8 @@ Any config field can be overridden with --set (unknown fields are refused with t
 
 from __future__ import annotations
 
+import argparse
+
 from ..training.config import STAGES
 
 HELPS = {
@@ -33,8 +35,9 @@ def add_parser(sub) -> None:
         p.add_argument("--teacher", default=None, help="teacher model folder (distillation)")
         p.add_argument("--data", default=None, help="training data file (sets data.train)")
         p.add_argument("--out", default=None, help="output folder")
-        p.add_argument("--max-steps", type=int, default=None)
-        p.add_argument("--dump-first-grads", default=None, help="(testing) save the first step's gradients here")
+        p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+        # for the tests only (the first step's gradients, compared between process layouts): not shown in --help
+        p.add_argument("--dump-first-grads", default=None, help=argparse.SUPPRESS)
         p.set_defaults(func=run, stage=stage)
 
 

@@ -12,8 +12,10 @@ the data order is a pure function of (seed, step).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 import shutil
 import time
 from contextlib import nullcontext
@@ -31,6 +33,22 @@ from .stages import DEFAULT_TRAINABLE, Stage, make_stage, select_trainable
 from .teacher import Teacher
 
 NO_DECAY = ("norm", "bias", "A_log", "dt_bias", "ln_q")
+
+
+class _TiedHeadNotice(logging.Filter):
+    """accelerate leaves `lm_head.weight` out of every checkpoint because it shares its storage with the embeddings
+    (the weights are tied) and warns on each save; loading ties it again, so that warning says nothing. A shared
+    tensor other than the tied head is still reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        found = re.search(r"Removed shared tensor \{(.*?)\} while saving", record.getMessage())
+        if not found:
+            return True
+        names = [name.strip(" '\"") for name in found.group(1).split(",")]
+        return not all(name.endswith("lm_head.weight") for name in names)
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedHeadNotice())
 
 
 class StudentWithLoss(nn.Module):
