@@ -5,12 +5,14 @@ temporal step of 256 tokens (at 448x448) whose temporal RoPE index comes from it
 floor((timestamp - first timestamp) * tokens_per_second), as Qwen2.5-VL numbers the frames of a video; a segment is
 closed by `<|vision_end|>` when other input follows. `ask` answers from a copy of the state (a branch), so the stream
 itself is never disturbed. Media is decoded completely before the state is touched: a frame or file that fails to
-decode raises `MediaError` and leaves the session exactly as it was.
+decode raises `MediaError` and leaves the session exactly as it was. Text, questions and the system prompt are
+tokenized as plain text: only the session's own turn markup becomes control tokens.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -88,14 +90,17 @@ class StreamSession:
         # max_context: only models with full-attention layers need it (their cache is sized up front)
         self.state = state if state is not None else model.new_state(max_context=max_context)
         if state is None:
-            system = f"<|im_start|>system\n{system_prompt}<|im_end|>\n" if system_prompt else ""
-            self._feed_text(system + "<|im_start|>user\n")
+            ids = []
+            if system_prompt:
+                tok = processor.tokenize
+                ids = tok("<|im_start|>system\n") + processor.tokenize_text(system_prompt) + tok("<|im_end|>\n")
+            self._feed_ids(ids + processor.tokenize("<|im_start|>user\n"))
         self._refresh()
 
     # -- appending ---------------------------------------------------------------------------------------------------
     def append_text(self, text: str) -> int:
         """Append plain text to the stream (closes an open frame segment first). Returns tokens appended."""
-        ids = self._close_segment_ids() + self.processor.tokenize(text)
+        ids = self._close_segment_ids() + self.processor.tokenize_text(text)
         return self._timed(lambda: self._prefill(ids), closes_segment=True)
 
     def append_image(self, image) -> int:
@@ -116,6 +121,8 @@ class StreamSession:
 
     def append_frame(self, frame, timestamp: float) -> int:
         """One live frame at `timestamp` seconds (non-decreasing within the stream)."""
+        if not math.isfinite(timestamp):
+            raise MediaError(f"frame timestamp {timestamp} is not a finite number of seconds")
         vision = self.processor.encode_frame(frame, timestamp, self.frame_size)
         seg = self.segment
         if seg is not None and timestamp < seg.last_time:
@@ -164,7 +171,7 @@ class StreamSession:
         """Answer from a branch of the state, as text pieces; the stream is left bit-identical."""
         sampling = sampling or SamplingParams(max_new_tokens=64)
         branch = self.state.clone()
-        ids = self._close_segment_ids() + self.processor.tokenize(f"{question}<|im_end|>\n<|im_start|>assistant\n")
+        ids = self._close_segment_ids() + self.question_ids(question)
         logits = prefill(self.model, branch, torch.tensor([ids]), chunk_size=self.chunk_size)
         params = sampling.with_stops(self.model.config.eos_token_ids)
         self.stats.questions += 1
@@ -178,7 +185,7 @@ class StreamSession:
         """A multi-turn exchange committed to the stream: the question and the answer become part of it."""
         for image in images:
             self.append_image(image)
-        ids = self._close_segment_ids() + self.processor.tokenize(f"{message}<|im_end|>\n<|im_start|>assistant\n")
+        ids = self._close_segment_ids() + self.question_ids(message)
         logits = self._prefill(ids)
         self.segment = None
         sampling = sampling or SamplingParams(max_new_tokens=128)
@@ -190,6 +197,10 @@ class StreamSession:
         self.stats.questions += 1
         self._refresh()
         return self.processor.decode(answer_ids)
+
+    def question_ids(self, text: str) -> list[int]:
+        """A user message (plain text) that ends the open user turn and opens the assistant's."""
+        return self.processor.tokenize_text(text) + self.processor.tokenize("<|im_end|>\n<|im_start|>assistant\n")
 
     # -- snapshots ---------------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -267,9 +278,6 @@ class StreamSession:
             next_position=next_position,
             **kwargs,
         )
-
-    def _feed_text(self, text: str) -> None:
-        self._feed_ids(self.processor.tokenize(text))
 
     def _feed_ids(self, ids: list[int]) -> None:
         if ids:
