@@ -203,26 +203,35 @@ class StreamSession:
         return self.processor.tokenize_text(text) + self.processor.tokenize("<|im_end|>\n<|im_start|>assistant\n")
 
     # -- snapshots ---------------------------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, extra: dict[str, str] | None = None) -> Path:
+        """The state with the open frame segment and the counters (and `extra` metadata) in one file."""
+        return self.state.save(path, extra={**self.metadata(), **(extra or {})})
+
+    def metadata(self) -> dict[str, str]:
+        """What a saved session keeps besides its state: the open frame segment and the counters."""
         seg = self.segment
-        meta = {
+        return {
             "segment": "" if seg is None else f"{seg.start},{seg.first_time},{seg.last_time},{seg.last_t}",
             "counters": json.dumps({k: getattr(self.stats, k) for k in COUNTERS}),
         }
-        return self.state.save(path, extra=meta)
+
+    def apply_metadata(self, meta: dict[str, str]) -> None:
+        """Set the segment and counters from `metadata()` output (e.g. read back from a file)."""
+        self.segment = None
+        if meta.get("segment"):
+            s, ft, lt, t = meta["segment"].split(",")
+            self.segment = _Segment(int(s), float(ft), float(lt), int(t))
+        for k, v in json.loads(meta.get("counters", "{}")).items():
+            if k in COUNTERS:
+                setattr(self.stats, k, v)
+        self._refresh()
 
     @classmethod
     def restore(cls, path: str | Path, model, processor: Processor, **kwargs) -> StreamSession:
         state = InfiniteVLState.load(path, model.config, device=model.device)
         state = _to_dtype(state, model.dtype)
         session = cls(model, processor, state=state, **kwargs)
-        meta = InfiniteVLState.read_metadata(path)
-        if meta.get("segment"):
-            s, ft, lt, t = meta["segment"].split(",")
-            session.segment = _Segment(int(s), float(ft), float(lt), int(t))
-        for k, v in json.loads(meta.get("counters", "{}")).items():
-            if k in COUNTERS:
-                setattr(session.stats, k, v)
+        session.apply_metadata(InfiniteVLState.read_metadata(path))
         return session
 
     # -- internals -----------------------------------------------------------------------------------------------------
