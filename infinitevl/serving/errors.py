@@ -68,7 +68,7 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
         return f"malformed JSON in the request body: {ctx.get('error', 'decode error')} (at character {pos})", None
     parts, param = [], None
     for err in errors[:5]:
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path", "header")]
         where = ".".join(loc)
         if param is None and where:
             param = where

@@ -220,8 +220,7 @@ def merge_completions(results: list, n: int):
         if r.status_code != 200:
             return r
         bodies.append(json.loads(r.body))
-    merged = bodies[0]
-    merged["choices"] = []
+    merged = {**bodies[0], "choices": []}
     usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     for p, body in enumerate(bodies):
         for choice in body["choices"]:

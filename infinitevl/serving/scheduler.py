@@ -167,6 +167,8 @@ class Scheduler:
             except ValueError:
                 return
             self.counters["cancelled"] += 1
+        if isinstance(job, Generation):
+            job.handle.post(Event("cancelled"))  # its handler is waiting for the prefill: it returns now
 
     # -- worker side ---------------------------------------------------------------------------------------------------
     def _loop(self) -> None:
