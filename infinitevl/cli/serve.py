@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -132,7 +133,14 @@ def run(args) -> int:
         file=sys.stderr,
         flush=True,
     )
-    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C once it has shut down cleanly
+    # uvicorn shuts down cleanly on SIGINT / SIGTERM, then re-raises the signal to the handler found before it:
+    # make SIGTERM end like Ctrl-C, with exit status 0 after the clean shutdown
+    signal.signal(signal.SIGTERM, _interrupt)
+    with contextlib.suppress(KeyboardInterrupt):
         serve(create_app(engine, config), args.host, args.port, args.log_level)
     print("server stopped", file=sys.stderr)
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

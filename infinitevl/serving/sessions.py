@@ -280,6 +280,9 @@ class SessionRegistry:
                     log.warning("skipping session %s: saved for a different model", s.id)
                     continue
                 s.counters = self._stored_counters(self.store.counters(s.id))
+            except Damaged as err:
+                s.damage = str(err)
+                log.error("session %s is damaged: %s", s.id, err)
             except Exception as err:
                 s.damage = f"{s.id}.safetensors cannot be read ({type(err).__name__})"
                 log.error("session %s is damaged: %s", s.id, err)

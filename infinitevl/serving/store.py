@@ -201,9 +201,12 @@ class SessionStore:
                 magic, seq, size, _ = RECORD.unpack(f.read(RECORD.size))
                 if magic != MAGIC or offset + RECORD.size + size > size_total:
                     return
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-                yield seq, header.get("__metadata__", {})
+                try:
+                    (n,) = struct.unpack("<Q", f.read(8))
+                    meta = json.loads(f.read(n)).get("__metadata__", {})
+                except (struct.error, ValueError) as err:
+                    raise Damaged(f"{sid}.journal: record {seq} at byte {offset} cannot be read") from err
+                yield seq, meta
                 offset += RECORD.size + size
                 f.seek(offset)
 
