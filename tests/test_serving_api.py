@@ -401,3 +401,22 @@ def test_lmms_eval_openai_compatible_request_shape(server, engine):
     assert replies[0].choices[0].message.content == ref.text == replies[3].choices[0].message.content
     assert replies[1].usage.prompt_tokens > 4 * 64  # four frames as images
     assert json.loads(replies[2].model_dump_json())["object"] == "chat.completion"
+
+
+def test_stopping_ends_open_streams_with_an_error_event_and_done(model_dir):
+    config = ServerConfig(model_name="tiny", max_batch=1, shutdown_grace=0.5)
+    long = {"model": "tiny", "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 20000,
+            "logit_bias": {"381": -100, "375": -100}, "stream": True}  # fmt: skip
+    srv = BackgroundServer(create_app(InfiniteVL.load(model_dir), config)).start()
+    events = []
+    with httpx.Client(timeout=60) as http, http.stream("POST", srv.url + "/v1/chat/completions", json=long) as r:
+        lines = r.iter_lines()
+        events.append(next(lines))
+        stopper = threading.Thread(target=srv.stop)
+        stopper.start()
+        events += [line for line in lines if line.startswith("data: ")]
+        stopper.join(30)
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2][6:])["error"]
+    assert error["code"] == "shutting_down" and "cut short" in error["message"]
+    assert len(events) > 3  # it went on during the grace period
