@@ -2,8 +2,9 @@
 
 The stream is one open user turn of a ChatML conversation. Live frames form video segments: each frame is one
 temporal step of 256 tokens (at 448x448) whose temporal RoPE index comes from its timestamp, t = s0 +
-floor((timestamp - first timestamp) * tokens_per_second), as Qwen2.5-VL numbers the frames of a video; a segment is
-closed by `<|vision_end|>` when other input follows. `ask` answers from a copy of the state (a branch), so the stream
+floor((timestamp - first timestamp) * tokens_per_second) in every `rope_index_mode` (`model.rope.live_frame_offset`,
+the rule training samples made of timed frames follow too); a segment is closed by `<|vision_end|>` when other input
+follows. `ask` answers from a copy of the state (a branch), so the stream
 itself is never disturbed. Media is decoded completely before the state is touched: a frame or file that fails to
 decode raises `MediaError` and leaves the session exactly as it was. Text, questions and the system prompt are
 tokenized as plain text: only the session's own turn markup becomes control tokens.
@@ -14,16 +15,17 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..model.rope import live_frame_offset
 from ..processing.media import MediaError
 from ..processing.processor import Processor, VisionInput
 from ..state import InfiniteVLState
-from .generation import DEFAULT_CHUNK, SamplingParams, TokenGenerator, prefill
+from .generation import DEFAULT_CHUNK, SamplingParams, TokenGenerator, prefill, prefill_steps
 from .text import stream_text
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -100,8 +102,31 @@ class StreamSession:
     # -- appending ---------------------------------------------------------------------------------------------------
     def append_text(self, text: str) -> int:
         """Append plain text to the stream (closes an open frame segment first). Returns tokens appended."""
+        steps = self.append_text_steps(text)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def append_text_steps(self, text: str, chunk_size: int | None = None) -> Generator[None, None, int]:
+        """`append_text` one prefill chunk per `next()`, for a caller that runs other work between chunks (the
+        server decodes other streams); the generator returns the number of tokens appended."""
         ids = self._close_segment_ids() + self.processor.tokenize_text(text)
-        return self._timed(lambda: self._prefill(ids), closes_segment=True)
+        before = int(self.state.num_tokens[0])
+        steps = prefill_steps(self.model, self.state, torch.tensor([ids]), chunk_size=chunk_size or self.chunk_size)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                next(steps)
+            except StopIteration:
+                break
+            finally:
+                self.stats.ingest_seconds += time.perf_counter() - t0
+            yield
+        self.segment = None
+        self._refresh()
+        return int(self.state.num_tokens[0]) - before
 
     def append_image(self, image) -> int:
         vision = self.processor.encode_image(image)  # decoded before anything changes
@@ -135,7 +160,7 @@ class StreamSession:
         start = int(self.state.next_position[0])
         block_start = start + 1 if opening else seg.start
         first_time = timestamp if opening else seg.first_time
-        t_index = block_start + int((timestamp - first_time) * c.vision.tokens_per_second)
+        t_index = block_start + live_frame_offset(timestamp, first_time, c.vision.tokens_per_second)
         if not opening:
             t_index = max(t_index, seg.last_t)
         _, gh, gw = (int(x) for x in vision.grid_thw[0])

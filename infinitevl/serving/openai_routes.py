@@ -64,7 +64,7 @@ def install_openai_routes(app: FastAPI, ctx) -> None:
         top = (body.top_logprobs or 0) if body.logprobs else None
 
         def prepare(row):
-            return prompt_steps(model, row, inputs, config.prefill_chunk, engine.chunk_size)
+            return prompt_steps(model, row, inputs, config.prefill_chunk)
 
         gen = new_generation(ctx, body, prepare, max_new, history=ids, top_logprobs=top)
         reply = chat_reply(ctx, body, logprobs=body.logprobs)
@@ -88,7 +88,7 @@ def install_openai_routes(app: FastAPI, ctx) -> None:
 
             def prepare(row, ids=ids):
                 scores = top if echo_scores else None
-                return prompt_steps(model, row, prompt_tensor(ids), config.prefill_chunk, engine.chunk_size, scores)
+                return prompt_steps(model, row, prompt_tensor(ids), config.prefill_chunk, scores)
 
             gen = new_generation(ctx, body, prepare, max_new, history=ids, top_logprobs=top)
             gen.echo_logprobs = echo_scores

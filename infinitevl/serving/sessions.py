@@ -171,7 +171,7 @@ class SessionRegistry:
         return len(video.frames), tokens
 
     def append_text(self, session_id: str, text: str) -> Generator:
-        tokens = yield from self._mutate(session_id, lambda st: st.append_text(text))
+        tokens = yield from self._mutate(session_id, lambda st: st.append_text_steps(text, self.config.prefill_chunk))
         return 0, tokens
 
     def branch(self, session_id: str, row: InfiniteVLState, question: str) -> Generator:
@@ -184,7 +184,7 @@ class SessionRegistry:
         row.copy_(stream.state)
         stream.stats.questions += 1
         s.last_used, s.dirty = time.time(), True
-        return (yield from text_steps(self.engine.model, row, ids, self.config.prefill_chunk, self.engine.chunk_size))
+        return (yield from text_steps(self.engine.model, row, ids, self.config.prefill_chunk))
 
     def snapshot(self, session_id: str) -> dict:
         s = self._get(session_id)
