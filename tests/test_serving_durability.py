@@ -134,6 +134,7 @@ def test_what_is_on_disk_after_each_acknowledged_change(model_dir, tmp_path, dur
                 assert r.status_code == 200, r.text
             r = http.post(f"/v1/sessions/{sid}/text", json={"text": "and then"})
             expected = r.json()["session"]
+            assert expected["videos"] == 2 and expected["frames"] == 14 and expected["images"] == 0
             shutil.copytree(state_dir, tmp_path / "crashed")
     finally:
         srv.stop()
