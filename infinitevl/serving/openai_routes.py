@@ -78,8 +78,8 @@ def install_openai_routes(app: FastAPI, ctx) -> None:
         check_model(body.model, config)
         check_supported(body)
         prompts = await run_in_threadpool(completion_prompts, engine, ctx.budget, body)
-        if len(prompts) * body.n > config.max_batch and body.stream:
-            raise APIError(400, "a streamed request may ask for at most max_batch choices in all", param="prompt")
+        if body.stream and len(prompts) > 1:
+            raise APIError(400, "stream: true takes one prompt per request", param="prompt")
         top = body.logprobs
         echo_scores = body.echo and top is not None
         gens, replies = [], []
@@ -108,8 +108,6 @@ def install_openai_routes(app: FastAPI, ctx) -> None:
             )
         if len(gens) == 1:
             return await respond(ctx.scheduler, gens[0], replies[0], request)
-        if body.stream:
-            raise APIError(400, "stream: true takes one prompt per request", param="prompt")
         results = await asyncio.gather(
             *(respond(ctx.scheduler, g, r, request) for g, r in zip(gens, replies)), return_exceptions=True
         )
