@@ -8,6 +8,8 @@ On disk (written by transformers for the official class) the legacy spelling is 
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 import re
@@ -132,23 +134,177 @@ def check_and_tie(model: torch.nn.Module, tensors: dict[str, torch.Tensor], tied
     return tensors
 
 
-def load_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu", **config_overrides):
+def tensor_shapes(folder: Path) -> dict[str, tuple[torch.Tensor, Path, str]]:
+    """Every tensor of a checkpoint as a meta tensor of its shape and dtype (nothing read but the headers), with
+    the file and on-disk key it comes from, under in-memory names (either spelling, not both at once)."""
+    found: dict[str, tuple[torch.Tensor, Path, str]] = {}
+    for file in weight_files(folder):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    name = to_memory_name(key)
+                    if name in found:
+                        raise CheckpointError(
+                            f"{key} ({file.name}) and {found[name][2]} ({found[name][1].name}) are the same tensor "
+                            "spelled twice"
+                        )
+                    part = f.get_slice(key)
+                    dtype = _SAFETENSORS_DTYPES.get(part.get_dtype())
+                    if dtype is None:
+                        raise CheckpointError(f"{key} ({file.name}) has dtype {part.get_dtype()}, not supported")
+                    found[name] = (torch.empty(part.get_shape(), dtype=dtype, device="meta"), file, key)
+        except CheckpointError:
+            raise
+        except Exception as err:
+            raise CheckpointError(f"cannot read {file}: {err}") from err
+    return found
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _read_tensor(file: Path, key: str) -> torch.Tensor:
+    # One open per tensor: safetensors maps the file, and every page read stays in the process's resident memory
+    # until the mapping closes. Reopening keeps a multi-GB shard from ever being resident at once.
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return f.get_tensor(key)
+    except Exception as err:
+        raise CheckpointError(f"cannot read {key} from {file}: {err}") from err
+
+
+def quantization_of(config: InfiniteVLConfig, quantize, group_size: int | None, embeddings: str | None):
+    """The quantization to load with: the folder's own (config.json `quantization_config`) or the one asked for;
+    a folder already quantized loads only as what it is."""
+    from .ops.quant import QuantConfig, QuantizationError
+
+    raw = config.extra.get("quantization_config")
+    try:
+        stored = QuantConfig.from_json(raw) if raw is not None else None
+        if quantize is None or isinstance(quantize, QuantConfig):
+            asked = quantize
+        else:
+            asked = QuantConfig(quantize, group_size, embeddings or "int8")
+    except QuantizationError as err:
+        raise CheckpointError(str(err)) from err
+    if stored is not None and asked is not None and asked != stored:
+        raise CheckpointError(
+            f"this folder holds weights quantized as {stored.describe()}; it cannot be loaded as "
+            f"{asked.describe()} (quantize the original checkpoint instead)"
+        )
+    return stored, (asked or stored)
+
+
+def load_pretrained(
+    cls,
+    path,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    quantize=None,
+    group_size: int | None = None,
+    embeddings: str | None = None,
+    **config_overrides,
+):
+    """Build the model on the meta device, check the file's names and shapes strictly, then read it one tensor at
+    a time, converting (or quantizing) each tensor as it arrives: peak memory is the loaded model plus one tensor."""
     folder = resolve(path)
     config = InfiniteVLConfig.from_file(folder)
     if config_overrides:
         config = config.replace(**config_overrides)
-    tensors = read_weights(folder)
+    stored, target = quantization_of(config, quantize, group_size, embeddings)
+    if target is not None and torch.device(device).type != "cpu":
+        raise CheckpointError(f"int8 / int4 weights run on torch's CPU kernels: load them on cpu, not {device}")
+    found = tensor_shapes(folder)
     with torch.device("meta"):
         model = cls(config)
-    tensors = check_and_tie(model, tensors, config.text.tie_word_embeddings)
-    tensors = {k: v.to(dtype=dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    model.load_state_dict(tensors, strict=not config.text.tie_word_embeddings, assign=True)
+    if stored is not None:
+        model.quantize(stored, _keep=stored.modules_to_not_convert)  # meta: swaps modules, computes nothing
+    metas = check_and_tie(model, {k: v[0] for k, v in found.items()}, config.text.tie_word_embeddings)
+    if target is not None and stored is None:
+        model.quantize(target)
+    from .ops.quant import quantize_for
+
+    owners = _quantized_owners(model)
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for name in sorted(metas, key=lambda n: (str(found[n][1]), n)):
+        meta, file, key = found[name]
+        prefix, _, leaf = name.rpartition(".")
+        owner = owners.get(prefix)
+        if owner is None or leaf == "bias":
+            tensor = _read_tensor(file, key)
+            _assign(model, name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        elif stored is None:  # a float weight of a layer quantized while loading
+            owner.set_portable(quantize_for(owner, _read_tensor(file, key)))
+            release_freed_memory()
+        else:  # one piece of a stored quantized weight; set when all of its pieces are read
+            if leaf == "weight" and meta.dtype not in (torch.int8, torch.uint8):
+                raise CheckpointError(
+                    f"{to_disk_name(name)} is {meta.dtype} in a quantized folder: expected int8/uint8"
+                )
+            pieces = pending.setdefault(prefix, {})
+            pieces[leaf] = _read_tensor(file, key)
+            if len(pieces) == len(owner.portable_keys()):
+                owner.set_portable(pending.pop(prefix))
     model.tie_weights()
+    for module in owners.values():
+        if hasattr(module, "dtype"):  # a quantized embedding's lookups come out in the model's dtype
+            module.dtype = dtype
     from .model.vision import reset_rotary
 
     reset_rotary(model.model.visual)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise CheckpointError(f"{len(left)} tensors were not loaded: {', '.join(left[:20])}")
     model.source_folder = folder
     return model.to(device=device).eval()
+
+
+@functools.cache
+def _libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give freed heap pages back to the OS (glibc). Quantizing while loading frees a tensor's temporaries between
+    long-lived results on the heap; without this the holes stay resident and the process's peak grows by several
+    times the model (measured: 530 MiB instead of 130 MiB for a 97 MiB int4 model)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _quantized_owners(model: torch.nn.Module) -> dict:
+    from .ops.quant import QuantizedEmbedding, QuantizedLinear
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+
+
+def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put a loaded tensor in place of a meta parameter or buffer (as load_state_dict(assign=True) does)."""
+    path, _, leaf = name.rpartition(".")
+    module = model.get_submodule(path)
+    if leaf in module._parameters:
+        old = module._parameters[leaf]
+        module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
+    elif leaf in module._buffers:
+        module._buffers[leaf] = tensor
+    else:
+        raise CheckpointError(f"{to_disk_name(name)} has no place in the model")
 
 
 def _parse_size(size: int | str) -> int:
@@ -168,10 +324,14 @@ def save_pretrained(model, path, max_shard_size: int | str = "5GB", dtype: torch
     state = model.state_dict()
     if model.config.text.tie_word_embeddings:
         state.pop(LM_HEAD, None)
-    tensors = {
-        to_disk_name(k): (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
-        for k, v in state.items()
-    }
+    quantized = getattr(model, "quantization", None) is not None
+
+    def cast(key: str, v: torch.Tensor) -> torch.Tensor:
+        # a quantized model's scales and zeros are part of its integer weights: kept as they are
+        keep = quantized and key.endswith((".weight_scale", ".weight_zero"))
+        return v.to(dtype) if dtype is not None and v.is_floating_point() and not keep else v
+
+    tensors = {to_disk_name(k): cast(k, v).detach().contiguous().cpu() for k, v in state.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key in sorted(tensors):

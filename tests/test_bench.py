@@ -41,12 +41,14 @@ def test_every_section_writes_json_with_provenance_and_raw_measurements(quick_ru
     out, _ = quick_run
     for section in SECTIONS:
         record = json.loads((out / f"{section}.json").read_text())
-        assert record["section"] == section and record["dtype"] == "float32" and record["plan"] == "quick"
+        several = "float32, bfloat16, int8, int4"
+        assert record["dtype"] == (several if section in ("precision", "quality") else "float32")
+        assert record["section"] == section and record["plan"] == "quick"
         assert record["command"].startswith("infinitevl bench") and "--quick" in record["command"]
         machine = record["machine"]
         assert machine["cores"] >= 1 and machine["ram_bytes"] > 0 and machine["torch"] and machine["date"]
         assert record["settings"] and record["result"]
-        if section not in ("memory", "streaming"):
+        if section not in ("memory", "streaming", "quality"):
             found = list(_timings(record["result"]))
             assert found, section
             for timing in found:
@@ -84,6 +86,16 @@ def test_sections_measure_both_models(quick_run):
         assert frames["tokens"] == sorted(frames["tokens"]) and frames["tokens"][0] > 0
         assert stream[who]["windows"]["first"]["fps_end_to_end"] > 0
     assert len(set(stream["infinitevl"]["frames"]["state_bytes"])) == 1  # constant-size state over the stream
+    precision = load("precision")["modes"]
+    assert list(precision) == ["fp32", "bf16", "int8", "int4"]
+    for mode in precision.values():
+        assert mode["status"] == "measured", mode
+        assert mode["peak_bytes"] >= mode["peak_after_load_bytes"] > 0 and mode["prefill"]["tokens_per_s"] > 0
+        assert [p["context"] for p in mode["decode"]] == [64, 1024] and all(p["floor_s"] > 0 for p in mode["decode"])
+    assert precision["int4"]["weight_bytes"] < precision["bf16"]["weight_bytes"] < precision["fp32"]["weight_bytes"]
+    quality = load("quality")
+    assert quality["modes"]["fp32"]["agreement"]["kl_mean"] == 0 and set(quality["fixture"]) == set(precision)
+    assert all(m["demo"]["questions"] == 8 for m in quality["modes"].values())
     kv = stream["baseline"]["frames"]["state_bytes"]
     assert kv == sorted(kv) and kv[-1] > kv[0]
     controlled = stream["controlled"]["points"]  # the decoder per frame at two histories, timed in turn
@@ -99,7 +111,16 @@ def test_plots_and_report(quick_run):
         data = (out / f"{name}.png").read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
     text = markdown.read_text()
-    for heading in ("## Targets", "## The limit", "## Decode", "## Prefill", "## Memory", "## Streaming", "## Ops"):
+    for heading in (
+        "## Targets",
+        "## The limit",
+        "## Decode",
+        "## Prefill",
+        "## Memory",
+        "## Streaming",
+        "## Ops",
+        "## Precision",
+    ):
         assert heading in text
     assert "Quick run" in text and "infinitevl bench" in text and "float32" in text
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)

@@ -113,7 +113,7 @@ def test_sampling_controls():
 
 def test_stop_tokens_strings_and_length(model, processor):
     state = model.new_state()
-    logits = prefill(model, state, torch.randint(0, 370, (1, 20)))
+    logits = prefill(model, state, torch.randint(0, 370, (1, 20), generator=torch.Generator().manual_seed(0)))
     free = list(TokenGenerator(model, state.clone(), logits, SamplingParams(max_new_tokens=12)))
     assert len(free) == 12
     gen = TokenGenerator(model, state.clone(), logits, SamplingParams(max_new_tokens=12, stop_token_ids=(free[3],)))

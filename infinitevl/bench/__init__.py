@@ -9,9 +9,11 @@ Sections (each a module with a `run(plan, ...)` that returns a JSON-able dict):
     prefill    time and tokens/s for a prompt of N tokens, both models
     memory     peak process memory (a fresh subprocess per point) and state / KV-cache bytes against context
     streaming  frames per second over a long stream of 448x448 frames, end to end and decoder only
+    precision  fp32 / bf16 / int8 / int4 at real size: load, peak memory, decode, prefill, vision; llama.cpp beside
+    quality    bf16 / int8 / int4 against fp32 on the bundled trained model and the official fixture
 
 `runner.py` holds the full and quick plans and runs the sections; `report.py` turns the JSON into plots and
 markdown. Nothing here changes the model or the engine: it only drives them.
 """
 
-SECTIONS = ("machine", "ops", "decode", "prefill", "memory", "streaming")
+SECTIONS = ("machine", "ops", "decode", "prefill", "memory", "streaming", "precision", "quality")

@@ -79,6 +79,7 @@ def targets(data: dict[str, dict]) -> list[dict]:
         ("decode", "decode latency flat", "InfiniteVL decode latency flat within 10% from 4K to 1M"),
         ("prefill", "prefill faster", "prefill faster than the baseline, margin growing with length"),
         ("streaming", "streaming FPS", "streaming FPS at frame 1,000 within 10% of the first frames"),
+        ("precision", "precision:", "precision: int4 / int8 decode, bf16 prefill and vision against fp32, int4 memory"),
     ]
     for section, key, name in missing:
         if key not in names:
@@ -88,6 +89,8 @@ def targets(data: dict[str, dict]) -> list[dict]:
 
 
 def _section_of(name: str) -> str:
+    if name.startswith("precision:"):
+        return "precision"
     if "gated delta rule" in name:
         return "ops"
     if "prefill" in name:
@@ -162,6 +165,112 @@ def _judge(data: dict[str, dict]) -> list[dict]:
     stream = data.get("streaming", {}).get("result", {})
     if "infinitevl" in stream:
         out.extend(streaming_targets(stream))
+    if data.get("precision", {}).get("result", {}).get("modes"):
+        out.extend(precision_targets(data["precision"]))
+    return out
+
+
+def _measured(record: dict, mode: str) -> dict | None:
+    m = record["result"]["modes"].get(mode)
+    return m if m and m.get("status") == "measured" else None
+
+
+def precision_targets(record: dict) -> list[dict]:
+    """The precision issue's targets, as ratios within the run, each with the CPU and the kernel."""
+    r, m = record["result"], record["machine"]
+    cpu = f"{m['cpu']} ({' '.join(f for f in m['cpu_flags'] if 'bf16' in f or 'amx' in f) or 'no bf16 flags'})"
+    name = r["config"]["name"]
+    fp32 = _measured(record, "fp32")
+    out = []
+
+    def ratio(mode, key, label, goal, kernel):
+        other = _measured(record, mode)
+        if fp32 is None or other is None:
+            out.append(_target(f"precision: {label} >= {goal}x fp32 ({name})", None, "not measured"))
+            return
+        a, b = key(fp32), key(other)
+        out.append(
+            _target(
+                f"precision: {label} >= {goal}x fp32 ({name})",
+                a / b >= goal,
+                f"{a / b:.2f}x",
+                f"{b * 1e3:.0f} vs {a * 1e3:.0f} ms; {cpu}; kernel: {kernel}",
+            )
+        )
+
+    decode = lambda x: x["decode"][0]["median_s"]  # noqa: E731
+    ratio(
+        "int4",
+        decode,
+        f"int4 decode at {fmt_tokens(r['modes']['fp32']['decode'][0]['context'] if fp32 else 0)}",
+        3.5,
+        r["kernels"]["int4"],
+    )
+    ratio("int8", decode, "int8 decode", 2.0, r["kernels"]["int8"])
+    ratio(
+        "bf16",
+        lambda x: x["prefill"]["median_s"],
+        f"bf16 prefill of {fmt_tokens(r['modes']['fp32']['prefill']['tokens']) if fp32 else '?'} tokens",
+        2.0,
+        r["kernels"]["bf16"],
+    )
+    side = fp32["vision"]["frame"] if fp32 else "?"
+    ratio(
+        "bf16",
+        lambda x: x["vision"]["median_s"],
+        f"bf16 vision tower, one {side}x{side} frame",
+        2.0,
+        "bf16 (oneDNN / SDPA)",
+    )
+    int4 = _measured(record, "int4")
+    if int4 is not None:
+        peak = int4["peak_bytes"]
+        out.append(
+            _target(
+                f"precision: {name} peak RSS with the int4 decoder < 5 GiB",
+                peak < 5 * 2**30,
+                fmt_bytes(peak),
+                f"whole process: weights {fmt_bytes(int4['weight_bytes'])} incl. vision tower, state, prefill; "
+                f"fp32 {fmt_bytes(fp32['peak_bytes']) if fp32 else '-'}",
+            )
+        )
+        step, mm = int4["decode"][0]["median_s"], int4["matmuls"]["median_s"]
+        over = (step - mm) / step
+        out.append(
+            _target(
+                "precision: per-step overhead outside the matmuls <= 10% of the int4 step",
+                over <= 0.10,
+                f"{over:.0%} ({(step - mm) * 1e3:.1f} of {step * 1e3:.1f} ms)",
+                "step minus the same step's linear layers called alone",
+            )
+        )
+    lcpp = r.get("llamacpp", {})
+    for ours, theirs in (("int4", "Q4_0"), ("int8", "Q8_0")):
+        mine, pts = _measured(record, ours), {p["context"]: p for p in lcpp.get(theirs, {}).get("decode", [])}
+        first = mine["decode"][0] if mine else None
+        if not mine or first["context"] not in pts:
+            continue
+        other = pts[first["context"]]["median_s"]
+        out.append(
+            _target(
+                f"precision: {ours} decode within 1.3x of llama.cpp {theirs} at {fmt_tokens(first['context'])}",
+                first["median_s"] <= 1.3 * other,
+                f"{first['median_s'] / other:.2f}x llama.cpp's time",
+                f"{first['median_s'] * 1e3:.0f} vs {other * 1e3:.0f} ms ({lcpp.get('model', '')}); {cpu}",
+            )
+        )
+        longest = max(p for p in pts if p in {x["context"] for x in mine["decode"]})
+        if longest != first["context"]:
+            a = next(x for x in mine["decode"] if x["context"] == longest)["median_s"]
+            b = pts[longest]["median_s"]
+            out.append(
+                _target(
+                    f"precision: {ours} decode faster than llama.cpp {theirs} at {fmt_tokens(longest)}",
+                    a < b,
+                    f"{b / a:.2f}x faster" if a < b else f"{a / b:.2f}x slower",
+                    f"{a * 1e3:.0f} vs {b * 1e3:.0f} ms",
+                )
+            )
     return out
 
 
@@ -228,7 +337,7 @@ def _provenance(record: dict) -> str:
         f"`{record['command']}` ({record['plan']} plan), {m['date']}, {record['elapsed_s']:.0f} s; "
         f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, {fmt_bytes(m['ram_bytes'])} RAM, "
         f"torch {m['torch']}, transformers {m['transformers']}; {record['dtype']}, "
-        "random weights"
+        + ("the bundled trained model and the official fixture" if record["section"] == "quality" else "random weights")
     )
     others = record.get("other_load", {})
     if others.get("samples"):
@@ -576,6 +685,115 @@ def ops_md(record: dict) -> str:
     )
 
 
+def precision_md(record: dict) -> str:
+    r = record["result"]
+    fp32 = _measured(record, "fp32")
+    rows = []
+    for mode, m in r["modes"].items():
+        if m.get("status") != "measured":
+            rows.append([mode, m.get("error", "failed")] + ["-"] * 10)
+            continue
+        cells = []
+        for p in m["decode"]:
+            cells.append(f"{p['median_s'] * 1e3:.1f} ({p['floor_s'] * 1e3:.1f}, {p['achieved_over_floor']:.2f}x)")
+        step, mm = m["decode"][0]["median_s"], m["matmuls"]["median_s"]
+        speed = lambda key, mode_m=m: (  # noqa: E731
+            f" ({key(fp32) / key(mode_m):.2f}x)" if fp32 is not None else ""
+        )
+        rows.append(
+            [
+                mode,
+                f"{m['load_s']:.0f}",
+                fmt_bytes(m["weight_bytes"]),
+                fmt_bytes(m["peak_bytes"]),
+                *cells,
+                f"{fp32['decode'][0]['median_s'] / step:.2f}x" if fp32 else "-",
+                f"{mm * 1e3:.1f}",
+                f"{(step - mm) * 1e3:.1f} ({(step - mm) / step:.0%})",
+                f"{m['prefill']['tokens_per_s']:.1f}" + speed(lambda x: x["prefill"]["median_s"])
+                if "prefill" in m
+                else "-",
+                f"{m['vision']['median_s']:.2f}" + speed(lambda x: x["vision"]["median_s"]) if "vision" in m else "-",
+            ]
+        )
+    contexts = [fmt_tokens(p["context"]) for p in next(iter(r["modes"].values())).get("decode", [])]
+    first = next((m for m in r["modes"].values() if m.get("status") == "measured" and "prefill" in m), None)
+    header = ["mode", "load s", "weights", "peak RSS"]
+    header += [f"decode ms at {c} (floor ms, x floor)" for c in contexts]
+    side = first["vision"]["frame"] if first else "?"
+    header += ["decode vs fp32", "matmuls ms", "rest of the step ms", "prefill tok/s", f"vision s, {side}x{side}"]
+    kernels = "\n".join(f"- {mode}: {k}" for mode, k in r["kernels"].items())
+    text = (
+        f"Config `{r['config']['name']}` (random weights) loaded from a bf16 checkpoint of "
+        f"{fmt_bytes(r['checkpoint_bytes'])}; decode floors at {r['bandwidth'] / 1e9:.1f} GB/s; prefill of "
+        f"{fmt_tokens(first['prefill']['tokens']) if first else '-'} tokens in chunks of "
+        f"{first['prefill']['chunk'] if first else '-'}.\n\n"
+        + _table(header, rows)
+        + f"\n\nKernels (CPU: {record['machine']['cpu']}, flags {' '.join(record['machine']['cpu_flags'])}):\n\n"
+        + kernels
+    )
+    lcpp = r.get("llamacpp")
+    if lcpp:
+        text += "\n\n" + llamacpp_md(lcpp, r)
+    return text + "\n\n" + _method("precision")
+
+
+def llamacpp_md(lcpp: dict, r: dict) -> str:
+    if lcpp.get("status") != "measured":
+        return f"llama.cpp: {lcpp.get('status', 'not run')}: {lcpp.get('error', '')}"
+    rows = []
+    for kind, ours in (("Q4_0", "int4"), ("Q8_0", "int8")):
+        mine = {p["context"]: p for p in r["modes"].get(ours, {}).get("decode", [])}
+        for p in lcpp.get(kind, {}).get("decode", []):
+            o = mine.get(p["context"])
+            rows.append(
+                [
+                    f"llama.cpp {kind}",
+                    fmt_tokens(p["context"]),
+                    f"{p['median_s'] * 1e3:.1f}",
+                    f"InfiniteVL {ours}: {o['median_s'] * 1e3:.1f}" if o else f"InfiniteVL {ours}: -",
+                    f"{o['median_s'] / p['median_s']:.2f}x" if o else "-",
+                ]
+            )
+    return (
+        f"llama.cpp {lcpp.get('version', '')} on {lcpp.get('model', '')} (random weights, {lcpp.get('threads')} "
+        "threads), in the same run:\n\n"
+        + _table(["engine", "context", "decode ms", "ours ms", "ours / llama.cpp"], rows)
+    )
+
+
+def quality_md(record: dict) -> str:
+    r = record["result"]
+    rows = []
+    for mode, m in r["modes"].items():
+        a, d = m["agreement"], m["demo"]
+        rows.append(
+            [
+                mode,
+                f"{d['correct']}/{d['questions']} ({d['accuracy']:.2f})",
+                f"{a['kl_mean']:.2e}",
+                f"{a['kl_p99']:.2e}",
+                f"{a['top1_agreement']:.3f}",
+                a["tokens"],
+            ]
+        )
+    text = f"Model: `{r['model']}`.\n\n" + _table(
+        ["mode", "demo questions right", "KL mean", "KL p99", "top-1 agreement", "tokens"], rows
+    )
+    if r.get("fixture"):
+        cases = [row["case"] for row in next(iter(r["fixture"].values()))]
+        frows = [
+            [mode] + [f"{x['relative_error']:.3f} / {x['max_abs_error']:.2f} / {x['top1_agreement']:.2f}" for x in errs]
+            for mode, errs in r["fixture"].items()
+        ]
+        text += (
+            "\n\nThe official-tiny fixture, logits against the recorded official fp32 logits "
+            "(relative error / max |error| / greedy agreement; random weights, see below):\n\n"
+            + _table(["mode", *cases], frows)
+        )
+    return text + "\n\n" + _method("quality")
+
+
 SECTION_MD = {
     "machine": ("The limit: this machine", machine_md),
     "decode": ("Decode latency against context", decode_md),
@@ -583,6 +801,8 @@ SECTION_MD = {
     "memory": ("Memory against context", memory_md),
     "streaming": ("Streaming", streaming_md),
     "ops": ("Ops", ops_md),
+    "precision": ("Precision: fp32, bf16, int8, int4 at real size", precision_md),
+    "quality": ("Precision: quality against fp32", quality_md),
 }
 
 

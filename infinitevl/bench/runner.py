@@ -10,6 +10,7 @@ in seconds (it is the test that keeps this code alive).
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ from . import SECTIONS, machine
 from .timing import OtherLoad, Progress
 
 K, M = 2**10, 2**20
+FIXTURE = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "official-tiny"
+CACHE = Path(os.environ.get("INFINITEVL_BENCH_CACHE", Path.home() / ".cache" / "infinitevl-bench"))
 
 
 @dataclass
@@ -39,6 +42,8 @@ class Plan:
     streaming: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     threads: int | None = None  # torch threads for the run (None: torch's default, one per core)
+    precision: dict[str, Any] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)
 
     def select(self, configs: list[str] | None) -> Plan:
         """The plan restricted to some configurations (streaming runs only if its config is among them)."""
@@ -51,6 +56,8 @@ class Plan:
         plan.memory_configs = keep(plan.memory_configs)
         if plan.streaming.get("config") not in configs:
             plan.streaming = {**plan.streaming, "skip": True}
+        if plan.precision.get("config") not in configs:
+            plan.precision = {**plan.precision, "skip": True}
         return plan
 
     def section(self, name: str) -> dict[str, Any]:
@@ -66,6 +73,8 @@ class Plan:
         if name in ("decode", "prefill", "memory"):
             names = getattr(self, f"{name}_configs")
             return {n: getattr(self, name)[n] for n in names}
+        if name in ("precision", "quality"):
+            return getattr(self, name)
         return self.streaming
 
 
@@ -168,6 +177,32 @@ def full_plan() -> Plan:
             baseline_stop_ratio=0.25,
             controlled_repeats=15,
         ),
+        precision=dict(
+            config="4b",
+            modes=["fp32", "bf16", "int8", "int4", "int4-bf16-head"],
+            contexts=[4 * K, 64 * K, 256 * K],
+            repeats=5,
+            warmup=1,
+            group_size=128,
+            prefill_tokens=4 * K,
+            prefill_chunk=2 * K,
+            prefill_repeats=1,
+            frame=448,
+            vision_repeats=2,
+            worker_timeout=3600,
+            llamacpp=dict(contexts=[4 * K, 64 * K], types=["Q8_0", "Q4_0"], repeats=5, seconds=1800),
+        ),
+        quality=dict(
+            modes=["fp32", "bf16", "int8", "int4", "int4-bf16-head"],
+            group_size=128,
+            demo_seeds=[2026, 2027, 2028, 2029],
+            demo_frames=400,
+            kl_streams=6,
+            kl_frames=200,
+            kl_seed=11,
+            fixture=str(FIXTURE),
+            fixture_group_size=32,
+        ),
     )
 
 
@@ -226,6 +261,31 @@ def quick_plan() -> Plan:
             baseline_stop_ratio=0.0,
             controlled_repeats=2,
         ),
+        precision=dict(
+            config="tiny",
+            modes=["fp32", "bf16", "int8", "int4"],
+            contexts=[64, 1 * K],
+            repeats=3,
+            warmup=1,
+            group_size=32,
+            prefill_tokens=256,
+            prefill_chunk=128,
+            prefill_repeats=1,
+            frame=56,
+            vision_repeats=1,
+            worker_timeout=300,
+        ),
+        quality=dict(
+            modes=["fp32", "bf16", "int8", "int4"],
+            group_size=128,
+            demo_seeds=[2026],
+            demo_frames=16,
+            kl_streams=1,
+            kl_frames=24,
+            kl_seed=11,
+            fixture=str(FIXTURE),
+            fixture_group_size=32,
+        ),
         notes=["quick run: tiny sizes that only check that the benchmark code works; its numbers mean nothing"],
         # one thread: tiny ops are dominated by thread wake-ups, ruinously so when another process holds a core
         threads=1,
@@ -237,6 +297,15 @@ def _load(out: Path, section: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _bandwidth(plan: Plan, out: Path, progress) -> float:
+    """The bandwidth decode floors use: this run's machine section, or a probe now."""
+    probe = _load(out, "machine")
+    if probe is None:
+        progress("no machine.json: probing bandwidth first")
+        return machine.probe_bandwidth(plan.bandwidth_bytes, plan.probe_repeats)["bandwidth"]
+    return probe["result"]["bandwidth"]["bandwidth"]
+
+
 def run_section(name: str, plan: Plan, out: Path, progress) -> dict[str, Any]:
     from . import decode, memory, ops, prefill, streaming
 
@@ -245,13 +314,7 @@ def run_section(name: str, plan: Plan, out: Path, progress) -> dict[str, Any]:
     if name == "ops":
         return ops.run(plan, progress)
     if name == "decode":
-        probe = _load(out, "machine")
-        if probe is None:
-            progress("decode: no machine.json, probing bandwidth first")
-            bandwidth = machine.probe_bandwidth(plan.bandwidth_bytes, plan.probe_repeats)["bandwidth"]
-        else:
-            bandwidth = probe["result"]["bandwidth"]["bandwidth"]
-        return decode.run(plan, progress, bandwidth)
+        return decode.run(plan, progress, _bandwidth(plan, out, progress))
     if name == "prefill":
         return prefill.run(plan, progress)
     if name == "memory":
@@ -262,6 +325,15 @@ def run_section(name: str, plan: Plan, out: Path, progress) -> dict[str, Any]:
         return memory.run(plan, progress, longest)
     if name == "streaming":
         return streaming.run(plan, progress)
+    if name == "precision":
+        from . import precision
+
+        cache = out / "cache" if plan.name == "quick" else CACHE  # the full run's checkpoint is 8.8 GB: not in out
+        return precision.run(plan, progress, _bandwidth(plan, out, progress), cache)
+    if name == "quality":
+        from . import quality
+
+        return quality.run(plan, progress)
     raise ValueError(f"unknown section {name!r}; known: {list(SECTIONS)}")
 
 
@@ -295,7 +367,7 @@ def run(
 
 def _run_sections(plan: Plan, out: Path, sections: list[str], command: str, progress) -> None:
     for name in [s for s in SECTIONS if s in sections]:
-        if name == "streaming" and plan.streaming.get("skip"):
+        if (name == "streaming" and plan.streaming.get("skip")) or (name == "precision" and plan.precision.get("skip")):
             continue
         progress(f"section {name} ({plan.name} plan)")
         facts = machine.describe()
@@ -306,7 +378,7 @@ def _run_sections(plan: Plan, out: Path, sections: list[str], command: str, prog
             "section": name,
             "command": command,
             "plan": plan.name,
-            "dtype": "float32",
+            "dtype": "float32, bfloat16, int8, int4" if name in ("precision", "quality") else "float32",
             "machine": facts,
             "settings": plan.section(name),
             "notes": plan.notes,

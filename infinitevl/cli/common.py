@@ -7,7 +7,8 @@ import sys
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZE = ("none", "int8", "int4")
 
 
 class CliError(RuntimeError):
@@ -20,9 +21,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dtype",
         choices=sorted(DTYPES),
-        default="float32",
-        help="weight dtype (float32 on CPUs without bf16 instructions)",
+        default="auto",
+        help="weight and activation dtype; auto: bfloat16 where the CPU has bf16 instructions (avx512_bf16 or AMX), "
+        "else float32 (default: auto)",
     )
+    g.add_argument(
+        "--quantize",
+        choices=QUANTIZE,
+        default="none",
+        help="weight-only quantization of the decoder while loading: int8 (per row) or int4 (groups); the "
+        "embedding / lm_head become int8, the vision tower keeps --dtype (default: none)",
+    )
+    g.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64, 128 or 256 (default: 128)")
+    g.add_argument("--verbose", action="store_true", help="print the precision chosen and why")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     g.add_argument("--chunk-size", type=int, default=2048, help="prefill chunk length in tokens")
 
@@ -57,7 +68,24 @@ def load_engine(args):
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CliError(f"--device {args.device}: CUDA is not available on this machine")
-    engine = InfiniteVL.load(args.model, dtype=DTYPES[args.dtype], device=args.device, chunk_size=args.chunk_size)
+    from ..ops.quant import QuantizationError
+
+    quantize = None if args.quantize == "none" else args.quantize
+    if args.group_size is not None and quantize != "int4":
+        raise CliError("--group-size applies to --quantize int4 only")
+    try:
+        engine = InfiniteVL.load(
+            args.model,
+            dtype=DTYPES[args.dtype],
+            device=args.device,
+            chunk_size=args.chunk_size,
+            quantize=quantize,
+            group_size=args.group_size,
+        )
+    except QuantizationError as err:
+        raise CliError(str(err)) from err
+    if getattr(args, "verbose", False):
+        print(f"precision: {engine.describe_precision()}", file=sys.stderr)
     if engine.note:
         print(f"note: {engine.note}", file=sys.stderr)
     return engine

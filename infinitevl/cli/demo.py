@@ -7,7 +7,6 @@ any other model (`--model`), a real video is streamed instead with general quest
 
 from __future__ import annotations
 
-import random
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ..engine.generation import SamplingParams
-    from ..tasks.digit_recall import FRAME, FrameMaker, probe_stream
+    from ..tasks.digit_recall import FRAME, demo_stream
     from ..tasks.miniature import MEDIA
 
     engine = load_engine(args)
@@ -42,14 +41,7 @@ def run(args) -> int:
     media = Path(args.media) if args.media else MEDIA
     if args.frames < 16:
         raise CliError("--frames must be at least 16")
-    rng = random.Random(args.seed)
-    far = sorted({args.frames - 1 - rng.randrange(args.frames // 8), args.frames // 2, args.frames // 4, 40})
-    stream, truth = probe_stream(
-        FrameMaker("eval", args.seed, media if media.exists() else None),
-        args.frames,
-        [d for d in far if d < args.frames] + [1],
-        rng,
-    )
+    stream, truth = demo_stream(args.frames, args.seed, media if media.exists() else None)
     session = engine.session(frame_size=(FRAME, FRAME))
     print(
         f"demo: {args.frames} held-out frames ({FRAME}x{FRAME}, one token each, 1 frame/s), state "

@@ -6,9 +6,9 @@ import argparse
 import os
 import sys
 
-from . import bench, chat, convert, demo, evaluate, generate, merge, miniature, serve, state, stream, train
+from . import bench, chat, convert, demo, evaluate, generate, merge, miniature, quantize, serve, state, stream, train
 
-SUBCOMMANDS = [generate, chat, stream, demo, state, convert, train, merge, evaluate, serve, bench, miniature]
+SUBCOMMANDS = [generate, chat, stream, demo, state, convert, train, merge, quantize, evaluate, serve, bench, miniature]
 
 
 def build_parser() -> argparse.ArgumentParser:

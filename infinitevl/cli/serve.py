@@ -129,6 +129,7 @@ def run(args) -> int:
         f"({'API key required' if config.api_key else 'no API key'}"
         f"; sessions {'in ' + str(config.state_dir) if config.state_dir else 'in memory only'}"
         f"; local media {'under ' + str(config.media_root) if config.media_root else 'disabled'})"
+        f"\nprecision: {engine.describe_precision()}"
         + (f"\nnote: every answer carries this note (model_note, X-Model-Note): {engine.note}" if engine.note else ""),
         file=sys.stderr,
         flush=True,

@@ -29,27 +29,63 @@ class Completion:
 
 class InfiniteVL:
     def __init__(
-        self, model: InfiniteVLForConditionalGeneration, processor: Processor, chunk_size: int = DEFAULT_CHUNK
+        self,
+        model: InfiniteVLForConditionalGeneration,
+        processor: Processor,
+        chunk_size: int = DEFAULT_CHUNK,
+        dtype_choice: str = "given",
     ):
         self.model = model
         self.processor = processor
         self.chunk_size = chunk_size
+        self.dtype_choice = dtype_choice
 
     @classmethod
     def load(
         cls,
         path: str | Path | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         device: str = "cpu",
         chunk_size: int = DEFAULT_CHUNK,
+        quantize: str | None = None,
+        group_size: int | None = None,
     ) -> InfiniteVL:
-        """A model folder (or hub id); None: the default model that ships with the package."""
+        """A model folder (or hub id); None: the default model that ships with the package. `dtype="auto"` picks
+        bf16 where the device computes it fast (see `ops/precision.py`); `quantize` ("int8" / "int4") quantizes
+        the decoder's weights while loading (see `InfiniteVLForConditionalGeneration.quantize`)."""
         from ..checkpoint import resolve
         from ..defaults import default_model_folder
+        from ..ops.precision import resolve_dtype
 
         folder = default_model_folder() if path is None else resolve(path)
-        model = InfiniteVLForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device)
-        return cls(model, Processor.from_pretrained(folder, model.config), chunk_size)
+        dtype, choice = resolve_dtype(dtype, device)
+        model = InfiniteVLForConditionalGeneration.from_pretrained(
+            folder, dtype=dtype, device=device, quantize=quantize, group_size=group_size
+        )
+        return cls(model, Processor.from_pretrained(folder, model.config), chunk_size, choice)
+
+    @property
+    def precision(self) -> dict:
+        """How the model computes: dtype (and how it was chosen), quantization and its kernels, weight bytes."""
+        from ..ops.quant import kernel_name, quantized_bytes
+
+        q = self.model.quantization
+        return {
+            "dtype": str(self.model.dtype).replace("torch.", ""),
+            "dtype_choice": self.dtype_choice,
+            "quantization": q.method if q is not None else None,
+            "group_size": q.group_size if q is not None else None,
+            "embeddings": (q.embeddings if q is not None else "none"),
+            "kernel": kernel_name(q.method) if q is not None else "torch matmul",
+            "weight_bytes": quantized_bytes(self.model),
+        }
+
+    def describe_precision(self) -> str:
+        p = self.precision
+        text = f"{p['dtype']} ({p['dtype_choice']})"
+        if self.model.quantization is not None:
+            text += f"; {self.model.quantization.describe()}"
+        return text + f"; weights {p['weight_bytes'] / 2**20:.1f} MiB"
 
     @property
     def untrained(self) -> bool:

@@ -6,6 +6,7 @@ the state dict needs no renaming beyond the legacy on-disk spelling handled in `
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,15 @@ from torch import nn
 
 from ..config import InfiniteVLConfig
 from ..ops.linear import Linear
+from ..ops.quant import (
+    INT4_ROW_BLOCK,
+    QuantConfig,
+    QuantizationError,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    TiedQuantizedHead,
+    fits,
+)
 from ..state import InfiniteVLState
 from .decoder import InfiniteVLTextModel, RMSNorm
 from .gdn import GatedDeltaNet, OutputNorm, ShortConv
@@ -46,12 +56,17 @@ class InfiniteVLForConditionalGeneration(nn.Module):
         self.model = InfiniteVLModel(config)
         t = config.text
         self.lm_head = Linear(t.hidden_size, t.vocab_size, bias=False)
+        self.quantization: QuantConfig | None = None
         self.tie_weights()
 
     # -- construction --------------------------------------------------------------------------------------------
     def tie_weights(self) -> None:
         if self.config.text.tie_word_embeddings:
-            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+            embed = self.model.language_model.embed_tokens
+            if isinstance(embed, QuantizedEmbedding):
+                self.lm_head = TiedQuantizedHead(embed)
+            else:
+                self.lm_head.weight = embed.weight
 
     @classmethod
     def from_config(
@@ -86,13 +101,77 @@ class InfiniteVLForConditionalGeneration(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", **config_overrides
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device="cpu",
+        quantize: str | QuantConfig | None = None,
+        group_size: int | None = None,
+        embeddings: str | None = None,
+        **config_overrides,
     ) -> InfiniteVLForConditionalGeneration:
         """Load a local folder (config.json + model.safetensors or a sharded index) or a resolvable hub id,
-        strictly; see `checkpoint.load_checkpoint`."""
+        strictly, one tensor at a time; see `checkpoint.load_pretrained`. `quantize` ("int8" / "int4", see
+        `quantize`) quantizes each weight as it is read, so the float model is never in memory; a folder written
+        from a quantized model loads quantized without it."""
         from ..checkpoint import load_pretrained
 
-        return load_pretrained(cls, path, dtype=dtype, device=device, **config_overrides)
+        return load_pretrained(
+            cls,
+            path,
+            dtype=dtype,
+            device=device,
+            quantize=quantize,
+            group_size=group_size,
+            embeddings=embeddings,
+            **config_overrides,
+        )
+
+    @torch.no_grad()
+    def quantize(
+        self,
+        method: str | QuantConfig = "int4",
+        group_size: int | None = None,
+        embeddings: str = "int8",
+        _keep: tuple[str, ...] | None = None,
+    ) -> QuantConfig:
+        """Weight-only quantization in place (see `ops/quant.py`): the decoder's linear layers to int8 (one scale
+        per row) or int4 (groups of `group_size`, default 128); the tied embedding / LM head to one int8 table
+        (`embeddings="none"` keeps it). The vision tower, norms, convs, gates and the small per-head gate
+        projections (a_proj, b_proj) keep the model's dtype. Returns the config, which `save_pretrained` writes
+        into config.json as `quantization_config`. On a meta model only the modules are swapped."""
+        from ..checkpoint import to_disk_name
+
+        if self.quantization is not None:
+            raise QuantizationError(f"the model is already quantized ({self.quantization.describe()})")
+        config = method if isinstance(method, QuantConfig) else QuantConfig(method, group_size, embeddings)
+        keep = set(_keep) if _keep is not None else None
+        kept = ["visual"]
+        layers = self.model.language_model.layers
+        for name, module in list(layers.named_modules()):
+            if not isinstance(module, nn.Linear):
+                continue
+            disk = to_disk_name(f"model.language_model.layers.{name}")
+            size = (module.out_features, module.in_features, config.group_size)
+            wanted = disk not in keep if keep is not None else module.out_features >= INT4_ROW_BLOCK
+            if not wanted or (keep is None and not fits(config.method, *size)):
+                kept.append(disk)
+                continue
+            layers.set_submodule(name, _quantized_linear(module, config))
+        lm = self.model.language_model
+        if config.embeddings == "int8":
+            lm.embed_tokens = _quantized_embedding(lm.embed_tokens)
+            if self.config.text.tie_word_embeddings:
+                self.tie_weights()
+            else:
+                self.lm_head = _quantized_linear(self.lm_head, QuantConfig("int8"))
+        else:
+            kept += ["model.embed_tokens", "lm_head"]
+        self.quantization = dataclasses.replace(config, modules_to_not_convert=tuple(kept))
+        self.config = dataclasses.replace(
+            self.config, extra={**self.config.extra, "quantization_config": self.quantization.to_json()}
+        )
+        return self.quantization
 
     def save_pretrained(
         self, path: str | Path, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None
@@ -105,11 +184,12 @@ class InfiniteVLForConditionalGeneration(nn.Module):
     # -- facts ---------------------------------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The dtype of activations, the state and every weight that is not quantized."""
+        return self.model.language_model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.language_model.norm.weight.device
 
     @property
     def language_model(self) -> InfiniteVLTextModel:
@@ -286,6 +366,26 @@ class InfiniteVLForConditionalGeneration(nn.Module):
         from ..engine.generation import greedy_generate
 
         return greedy_generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+
+
+def _quantized_linear(module: nn.Linear, config: QuantConfig) -> QuantizedLinear:
+    if module.weight.device.type != "meta":
+        return QuantizedLinear.from_float(module, config)
+    return QuantizedLinear(
+        module.in_features,
+        module.out_features,
+        config.method,
+        config.group_size,
+        bias=module.bias is not None,
+        dtype=module.weight.dtype,
+        device="meta",
+    )
+
+
+def _quantized_embedding(module: nn.Embedding) -> QuantizedEmbedding:
+    if module.weight.device.type != "meta":
+        return QuantizedEmbedding.from_float(module)
+    return QuantizedEmbedding(*module.weight.shape, dtype=module.weight.dtype, device="meta")
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

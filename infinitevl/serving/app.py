@@ -30,6 +30,7 @@ from .scheduler import Scheduler
 from .schemas import Health, Version
 from .security import APIKeyMiddleware, BodyLimitMiddleware
 from .sessions import SessionRegistry
+from .webpage import mount_page
 
 log = logging.getLogger("infinitevl.serving")
 
@@ -111,11 +112,14 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     _ops_routes(app, ctx, __version__)
     install_openai_routes(app, ctx)
     install_session_routes(app, ctx)
+    mount_page(app)
     return app
 
 
 def _ops_routes(app: FastAPI, ctx: ServerContext, version: str) -> None:
     config, scheduler, sessions = ctx.config, ctx.scheduler, ctx.sessions
+
+    precision = ctx.engine.precision
 
     @app.get("/health", response_model=Health, tags=["server"])
     async def health() -> Health:
@@ -132,6 +136,7 @@ def _ops_routes(app: FastAPI, ctx: ServerContext, version: str) -> None:
             sessions=len(sessions.ids()),
             sessions_loaded=sessions.loaded_count(),
             sessions_damaged=sessions.damaged_count(),
+            precision=precision,
             **scheduler.counters,
         )
 

@@ -212,6 +212,14 @@ def probe_stream(maker: FrameMaker, length: int, distances: list[int], rng: rand
     return Stream(frames, first, str(truth[first][0]), truth[first][1]), truth
 
 
+def demo_stream(frames: int, seed: int, media: Path | None) -> tuple[Stream, dict]:
+    """The held-out stream and questions of `infinitevl demo` for a seed: far probes at a random distance near the
+    start, half and a quarter of the stream and 40 frames back, and one a frame back."""
+    rng = random.Random(seed)
+    far = sorted({frames - 1 - rng.randrange(frames // 8), frames // 2, frames // 4, 40})
+    return probe_stream(FrameMaker("eval", seed, media), frames, [d for d in far if d < frames] + [1], rng)
+
+
 @dataclass
 class Results:
     """Answers to held-out streams, grouped for the report."""
