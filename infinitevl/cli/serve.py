@@ -27,10 +27,15 @@ def add_parser(sub) -> None:
     p = sub.add_parser("serve", help=HELP, description=__doc__.split("\n\n", 1)[1])
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=int, default=8000, help="port to listen on (0: a free one, printed at start)")
     g.add_argument("--api-key", default=os.environ.get("INFINITEVL_API_KEY"), help="require 'Bearer KEY'")
     g.add_argument("--served-model-name", default=None, help="the model id clients use (default: infinitevl)")
-    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="log lines (each with its request id) from this level up",
+    )
     g.add_argument(
         "--allowed-origins",
         default="",
@@ -44,7 +49,9 @@ def add_parser(sub) -> None:
     )
     g = p.add_argument_group("sessions")
     g.add_argument("--state-dir", default=None, help="keep sessions and snapshots here (restored on restart)")
-    g.add_argument("--max-sessions", type=int, default=d.max_sessions)
+    g.add_argument(
+        "--max-sessions", type=int, default=d.max_sessions, help="sessions kept (in memory or on disk); then 403"
+    )
     g.add_argument(
         "--session-idle-timeout",
         type=float,
@@ -65,7 +72,12 @@ def add_parser(sub) -> None:
     g.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before answering 429")
     g.add_argument("--max-batch", type=int, default=d.max_batch, help="generations decoded together (one state each)")
     g.add_argument("--max-request-tokens", type=int, default=d.max_request_tokens, help="prompt + completion")
-    g.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
+    g.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=d.default_max_tokens,
+        help="completion budget when a request gives none",
+    )
     g.add_argument(
         "--prefill-chunk",
         type=int,
@@ -76,12 +88,17 @@ def add_parser(sub) -> None:
     g.add_argument("--media-root", default=None, help="allow file paths in requests, confined to this folder")
     g.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image and video URLs")
     g.add_argument("--remote-allow-private", action="store_true", help="let remote URLs reach private addresses")
-    g.add_argument("--remote-max-bytes", type=int, default=d.remote_max_bytes)
+    g.add_argument("--remote-max-bytes", type=int, default=d.remote_max_bytes, help="per remote download")
     g.add_argument("--remote-timeout", type=float, default=d.remote_timeout, help="seconds per download")
-    g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="per request body (then 413)")
     g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="before resizing")
-    g.add_argument("--max-video-seconds", type=float, default=d.max_video_seconds)
-    g.add_argument("--max-video-frames", type=int, default=d.max_video_frames)
+    g.add_argument("--max-video-seconds", type=float, default=d.max_video_seconds, help="per video in a request")
+    g.add_argument(
+        "--max-video-frames",
+        type=int,
+        default=d.max_video_frames,
+        help="frames sampled per video (the rate drops to fit)",
+    )
     g.add_argument("--video-fps", type=float, default=d.video_fps, help="frames sampled per second of video")
     add_model_args(p)
     p.set_defaults(func=run)
