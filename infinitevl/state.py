@@ -6,13 +6,15 @@ their stream positions (-1 = empty). Per stream: the running RoPE index (`next_p
 seen (`num_tokens`, which is also the stream position of the next token). Both are [B] int64 tensors that the model
 updates in place, one entry per stream; `tokens_seen` is the count of a one-stream state as a plain int. Nothing here grows with the input; the
 byte size is fixed at allocation (`nbytes`). Full-attention layers (teacher-style models only) get a cache of a
-fixed `max_context` and refuse to go past it.
+fixed `max_context` and refuse to go past it. A saved state carries a SHA-256 of its tensors; loading a file whose
+tensors do not match it (a damaged file) raises `StateError`.
 
 The model reads and updates these objects in place; this module knows nothing about modules or weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,8 +232,10 @@ class InfiniteVLState:
             "windows": json.dumps(windows),
         }
         meta.update(extra or {})
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}
+        meta["checksum"] = tensor_checksum(tensors)
         tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}, str(tmp), metadata=meta)
+        save_file(tensors, str(tmp), metadata=meta)
         tmp.replace(path)
         return path
 
@@ -251,6 +255,8 @@ class InfiniteVLState:
             raise StateError(f"{path} is not a readable state snapshot: {err}") from err
         if meta.get("format") != STATE_FORMAT:
             raise StateError(f"{path} is not an InfiniteVL state (format {meta.get('format')!r})")
+        if "checksum" in meta and tensor_checksum(tensors) != meta["checksum"]:
+            raise StateError(f"{path} is damaged: its tensors do not match the checksum written with them")
         fingerprint = json.loads(meta["fingerprint"])
         if config is not None and fingerprint != config.fingerprint():
             diff = sorted(
@@ -274,3 +280,13 @@ class InfiniteVLState:
     def read_metadata(path: str | Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
+
+
+def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of `tensors` (in name order), as "sha256:<hex>"."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return "sha256:" + h.hexdigest()

@@ -229,7 +229,7 @@ def test_session_limit_deletion_and_media_limits_without_a_state_dir(model_dir):
         with httpx.Client(base_url=srv.url, timeout=60) as http:
             first, second = create(http), create(http, system_prompt=None)
             r = http.post("/v1/sessions", json={})
-            assert r.status_code == 429 and r.json()["error"]["code"] == "session_limit"
+            assert r.status_code == 403 and r.json()["error"]["code"] == "session_limit"  # not retried by clients
             assert http.delete(f"/v1/sessions/{first}").json() == {"id": first, "object": "session", "deleted": True}
             assert http.get(f"/v1/sessions/{first}").status_code == 404
             assert [s["id"] for s in http.get("/v1/sessions").json()["data"]] == [second]

@@ -1,14 +1,17 @@
 """`infinitevl serve`: an OpenAI-compatible HTTP server with persistent streaming-video sessions.
 
-One model in one process: requests queue fairly and concurrent answers are decoded in one batch. Sessions live in
---state-dir (when given) and come back after a restart. Local media paths are refused unless --media-root is given
-(and then confined to it); remote URLs are fetched only with --allow-remote-media. The API key may also come from
-the INFINITEVL_API_KEY environment variable. The OpenAPI schema is served at /openapi.json (browse it at /docs)."""
+One model in one process: requests queue fairly, concurrent answers are decoded in one batch, and long prefills
+(long prompts, video appends) run in chunks between decode steps. Sessions live in --state-dir (when given): every
+acknowledged change is on disk before the reply (--durability) and they come back after a restart or a crash.
+Local media paths are refused unless --media-root is given (and then confined to it); remote URLs are fetched only
+with --allow-remote-media. The API key may also come from the INFINITEVL_API_KEY environment variable. The OpenAPI schema is served at /openapi.json (browse it at /docs);
+/metrics serves Prometheus metrics, /health and /version the server's state."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -35,11 +38,24 @@ def add_parser(sub) -> None:
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
-        help="server log level",
+        help="log lines (each with its request id) from this level up",
+    )
+    g.add_argument(
+        "--allowed-origins",
+        default="",
+        help="CORS: comma-separated browser origins allowed to call the API ('*': any; default: none)",
+    )
+    g.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=d.shutdown_grace,
+        help="seconds running answers get to finish on SIGTERM / Ctrl-C before they are ended with an error event",
     )
     g = p.add_argument_group("sessions")
     g.add_argument("--state-dir", default=None, help="keep sessions and snapshots here (restored on restart)")
-    g.add_argument("--max-sessions", type=int, default=d.max_sessions, help="streaming sessions held at once")
+    g.add_argument(
+        "--max-sessions", type=int, default=d.max_sessions, help="sessions kept (in memory or on disk); then 403"
+    )
     g.add_argument(
         "--session-idle-timeout",
         type=float,
@@ -47,24 +63,46 @@ def add_parser(sub) -> None:
         help="seconds; an idle session is saved and unloaded (deleted without --state-dir); 0: never",
     )
     g.add_argument("--max-snapshots", type=int, default=d.max_snapshots, help="per session (the oldest goes)")
+    g.add_argument(
+        "--durability",
+        choices=["journal", "full", "none"],
+        default=d.durability,
+        help="with --state-dir: journal = fsync a record of what each change wrote before replying (the log is "
+        "folded into the state file when it outgrows it); full = rewrite and fsync the whole state file each time; "
+        "none = write only on create, snapshot, idle unloading and shutdown (a crash loses the rest)",
+    )
     g.add_argument("--frame-size", type=int, default=d.frame_size, help="default frame side (448: 256 tokens)")
     g = p.add_argument_group("load")
     g.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before answering 429")
     g.add_argument("--max-batch", type=int, default=d.max_batch, help="generations decoded together (one state each)")
     g.add_argument("--max-request-tokens", type=int, default=d.max_request_tokens, help="prompt + completion")
     g.add_argument(
-        "--default-max-tokens", type=int, default=d.default_max_tokens, help="answer length when a request gives none"
+        "--default-max-tokens",
+        type=int,
+        default=d.default_max_tokens,
+        help="completion budget when a request gives none",
+    )
+    g.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=d.prefill_chunk,
+        help="tokens prefilled between two batched decode steps (smaller: steadier streams, slower prefill)",
     )
     g = p.add_argument_group("media and limits")
     g.add_argument("--media-root", default=None, help="allow file paths in requests, confined to this folder")
     g.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image and video URLs")
     g.add_argument("--remote-allow-private", action="store_true", help="let remote URLs reach private addresses")
-    g.add_argument("--remote-max-bytes", type=int, default=d.remote_max_bytes, help="largest remote download")
+    g.add_argument("--remote-max-bytes", type=int, default=d.remote_max_bytes, help="per remote download")
     g.add_argument("--remote-timeout", type=float, default=d.remote_timeout, help="seconds per download")
-    g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="largest request body")
+    g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="per request body (then 413)")
     g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="before resizing")
-    g.add_argument("--max-video-seconds", type=float, default=d.max_video_seconds, help="longest video accepted")
-    g.add_argument("--max-video-frames", type=int, default=d.max_video_frames, help="most frames taken from a video")
+    g.add_argument("--max-video-seconds", type=float, default=d.max_video_seconds, help="per video in a request")
+    g.add_argument(
+        "--max-video-frames",
+        type=int,
+        default=d.max_video_frames,
+        help="frames sampled per video (the rate drops to fit)",
+    )
     g.add_argument("--video-fps", type=float, default=d.video_fps, help="frames sampled per second of video")
     add_model_args(p)
     p.set_defaults(func=run)
@@ -99,6 +137,10 @@ def run(args) -> int:
             session_idle_timeout=args.session_idle_timeout,
             max_snapshots=args.max_snapshots,
             frame_size=args.frame_size,
+            durability=args.durability,
+            prefill_chunk=args.prefill_chunk,
+            shutdown_grace=args.shutdown_grace,
+            allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
         )
     except ValueError as err:
         raise CliError(str(err)) from err
@@ -108,11 +150,19 @@ def run(args) -> int:
         f"({'API key required' if config.api_key else 'no API key'}"
         f"; sessions {'in ' + str(config.state_dir) if config.state_dir else 'in memory only'}"
         f"; local media {'under ' + str(config.media_root) if config.media_root else 'disabled'})"
-        f"\nprecision: {engine.describe_precision()}",
+        f"\nprecision: {engine.describe_precision()}"
+        + (f"\nnote: every answer carries this note (model_note, X-Model-Note): {engine.note}" if engine.note else ""),
         file=sys.stderr,
         flush=True,
     )
-    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C once it has shut down cleanly
+    # uvicorn shuts down cleanly on SIGINT / SIGTERM, then re-raises the signal to the handler found before it:
+    # make SIGTERM end like Ctrl-C, with exit status 0 after the clean shutdown
+    signal.signal(signal.SIGTERM, _interrupt)
+    with contextlib.suppress(KeyboardInterrupt):
         serve(create_app(engine, config), args.host, args.port, args.log_level)
     print("server stopped", file=sys.stderr)
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

@@ -6,14 +6,16 @@ floor((timestamp - first timestamp) * tokens_per_second) in every `rope_index_mo
 the rule training samples made of timed frames follow too); a segment is closed by `<|vision_end|>` when other input
 follows. `ask` answers from a copy of the state (a branch), so the stream
 itself is never disturbed. Media is decoded completely before the state is touched: a frame or file that fails to
-decode raises `MediaError` and leaves the session exactly as it was.
+decode raises `MediaError` and leaves the session exactly as it was. Text, questions and the system prompt are
+tokenized as plain text: only the session's own turn markup becomes control tokens.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from ..model.rope import live_frame_offset
 from ..processing.media import MediaError
 from ..processing.processor import Processor, VisionInput
 from ..state import InfiniteVLState
-from .generation import DEFAULT_CHUNK, SamplingParams, TokenGenerator, prefill
+from .generation import DEFAULT_CHUNK, SamplingParams, TokenGenerator, prefill, prefill_steps
 from .text import stream_text
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -90,15 +92,41 @@ class StreamSession:
         # max_context: only models with full-attention layers need it (their cache is sized up front)
         self.state = state if state is not None else model.new_state(max_context=max_context)
         if state is None:
-            system = f"<|im_start|>system\n{system_prompt}<|im_end|>\n" if system_prompt else ""
-            self._feed_text(system + "<|im_start|>user\n")
+            ids = []
+            if system_prompt:
+                tok = processor.tokenize
+                ids = tok("<|im_start|>system\n") + processor.tokenize_text(system_prompt) + tok("<|im_end|>\n")
+            self._feed_ids(ids + processor.tokenize("<|im_start|>user\n"))
         self._refresh()
 
     # -- appending ---------------------------------------------------------------------------------------------------
     def append_text(self, text: str) -> int:
         """Append plain text to the stream (closes an open frame segment first). Returns tokens appended."""
-        ids = self._close_segment_ids() + self.processor.tokenize(text)
-        return self._timed(lambda: self._prefill(ids), closes_segment=True)
+        steps = self.append_text_steps(text)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def append_text_steps(self, text: str, chunk_size: int | None = None) -> Generator[None, None, int]:
+        """`append_text` one prefill chunk per `next()`, for a caller that runs other work between chunks (the
+        server decodes other streams); the generator returns the number of tokens appended."""
+        ids = self._close_segment_ids() + self.processor.tokenize_text(text)
+        before = int(self.state.num_tokens[0])
+        steps = prefill_steps(self.model, self.state, torch.tensor([ids]), chunk_size=chunk_size or self.chunk_size)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                next(steps)
+            except StopIteration:
+                break
+            finally:
+                self.stats.ingest_seconds += time.perf_counter() - t0
+            yield
+        self.segment = None
+        self._refresh()
+        return int(self.state.num_tokens[0]) - before
 
     def append_image(self, image) -> int:
         vision = self.processor.encode_image(image)  # decoded before anything changes
@@ -118,6 +146,8 @@ class StreamSession:
 
     def append_frame(self, frame, timestamp: float) -> int:
         """One live frame at `timestamp` seconds (non-decreasing within the stream)."""
+        if not math.isfinite(timestamp):
+            raise MediaError(f"frame timestamp {timestamp} is not a finite number of seconds")
         vision = self.processor.encode_frame(frame, timestamp, self.frame_size)
         seg = self.segment
         if seg is not None and timestamp < seg.last_time:
@@ -166,7 +196,7 @@ class StreamSession:
         """Answer from a branch of the state, as text pieces; the stream is left bit-identical."""
         sampling = sampling or SamplingParams(max_new_tokens=64)
         branch = self.state.clone()
-        ids = self._close_segment_ids() + self.processor.tokenize(f"{question}<|im_end|>\n<|im_start|>assistant\n")
+        ids = self._close_segment_ids() + self.question_ids(question)
         logits = prefill(self.model, branch, torch.tensor([ids]), chunk_size=self.chunk_size)
         params = sampling.with_stops(self.model.config.eos_token_ids)
         self.stats.questions += 1
@@ -180,7 +210,7 @@ class StreamSession:
         """A multi-turn exchange committed to the stream: the question and the answer become part of it."""
         for image in images:
             self.append_image(image)
-        ids = self._close_segment_ids() + self.processor.tokenize(f"{message}<|im_end|>\n<|im_start|>assistant\n")
+        ids = self._close_segment_ids() + self.question_ids(message)
         logits = self._prefill(ids)
         self.segment = None
         sampling = sampling or SamplingParams(max_new_tokens=128)
@@ -193,27 +223,40 @@ class StreamSession:
         self._refresh()
         return self.processor.decode(answer_ids)
 
+    def question_ids(self, text: str) -> list[int]:
+        """A user message (plain text) that ends the open user turn and opens the assistant's."""
+        return self.processor.tokenize_text(text) + self.processor.tokenize("<|im_end|>\n<|im_start|>assistant\n")
+
     # -- snapshots ---------------------------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, extra: dict[str, str] | None = None) -> Path:
+        """The state with the open frame segment and the counters (and `extra` metadata) in one file."""
+        return self.state.save(path, extra={**self.metadata(), **(extra or {})})
+
+    def metadata(self) -> dict[str, str]:
+        """What a saved session keeps besides its state: the open frame segment and the counters."""
         seg = self.segment
-        meta = {
+        return {
             "segment": "" if seg is None else f"{seg.start},{seg.first_time},{seg.last_time},{seg.last_t}",
             "counters": json.dumps({k: getattr(self.stats, k) for k in COUNTERS}),
         }
-        return self.state.save(path, extra=meta)
+
+    def apply_metadata(self, meta: dict[str, str]) -> None:
+        """Set the segment and counters from `metadata()` output (e.g. read back from a file)."""
+        self.segment = None
+        if meta.get("segment"):
+            s, ft, lt, t = meta["segment"].split(",")
+            self.segment = _Segment(int(s), float(ft), float(lt), int(t))
+        for k, v in json.loads(meta.get("counters", "{}")).items():
+            if k in COUNTERS:
+                setattr(self.stats, k, v)
+        self._refresh()
 
     @classmethod
     def restore(cls, path: str | Path, model, processor: Processor, **kwargs) -> StreamSession:
         state = InfiniteVLState.load(path, model.config, device=model.device)
         state = _to_dtype(state, model.dtype)
         session = cls(model, processor, state=state, **kwargs)
-        meta = InfiniteVLState.read_metadata(path)
-        if meta.get("segment"):
-            s, ft, lt, t = meta["segment"].split(",")
-            session.segment = _Segment(int(s), float(ft), float(lt), int(t))
-        for k, v in json.loads(meta.get("counters", "{}")).items():
-            if k in COUNTERS:
-                setattr(session.stats, k, v)
+        session.apply_metadata(InfiniteVLState.read_metadata(path))
         return session
 
     # -- internals -----------------------------------------------------------------------------------------------------
@@ -269,9 +312,6 @@ class StreamSession:
             next_position=next_position,
             **kwargs,
         )
-
-    def _feed_text(self, text: str) -> None:
-        self._feed_ids(self.processor.tokenize(text))
 
     def _feed_ids(self, ids: list[int]) -> None:
         if ids:

@@ -5,11 +5,16 @@ flattened to the patch layout the vision tower reads (one row per 14x14 patch, c
 Videos are frame pairs: the two temporal slots of a row come from consecutive sampled frames. A live frame is a
 one-step video (the frame fills both slots), 256 tokens at 448x448. Placeholders `<|image_pad|>` / `<|video_pad|>`
 in the rendered chat are expanded to one token per merged 28x28 patch.
+
+Control tokens (`<|im_start|>`, `<|im_end|>`, the vision markers) come only from the chat template: text that users
+or media supply is tokenized as plain text (`tokenize_text`), so typing `<|im_end|>` cannot end a turn or forge one.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +30,10 @@ from .tokenizer import load_tokenizer
 VIDEO_MIN_PIXELS = 128 * 28 * 28
 VIDEO_MAX_PIXELS = 768 * 28 * 28
 VIDEO_TOTAL_PIXELS = 24576 * 28 * 28
+# Stands in for client text while the chat template renders (a private-use character: no tokenizer merges it with
+# its neighbours, and the client's text itself never goes through the template).
+_HOLE = "\ue000"
+_HOLES = re.compile(f"{_HOLE}(\\d+){_HOLE}")
 
 
 @dataclass
@@ -106,6 +115,7 @@ class Processor:
         self.frame_cache: dict | None = None  # set to {} to keep encoded stream frames by path (training)
         self.image_token = tokenizer.convert_ids_to_tokens(config.image_token_id)
         self.video_token = tokenizer.convert_ids_to_tokens(config.video_token_id)
+        self._plain = _plain_text_tokenizer(tokenizer)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, config: InfiniteVLConfig | None = None) -> Processor:
@@ -244,22 +254,50 @@ class Processor:
 
     # -- text -------------------------------------------------------------------------------------------------------
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The chat as text with one placeholder per image / video (the tokenizer's chat template)."""
-        normalized = []
-        for m in messages:
-            content = m["content"]
-            if not isinstance(content, str):
-                content = [
-                    c if c.get("type") in ("image", "video", "text") else {"type": "text", "text": str(c)}
-                    for c in content
-                ]
-            normalized.append({"role": m["role"], "content": content})
+        """The chat as text with one placeholder per image / video (the tokenizer's chat template). For display:
+        `prompt` does not tokenize this string (the text in it would be read as markup)."""
         return self.tokenizer.apply_chat_template(
-            normalized, tokenize=False, add_generation_prompt=add_generation_prompt
+            _normalized(messages), tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+    def tokenize(self, markup: str) -> list[int]:
+        """Token ids of template markup: `<|im_start|>` and the other special tokens in it become control tokens.
+        Never use it for text a user or a file supplied (see `tokenize_text`)."""
+        return self.tokenizer(markup, add_special_tokens=False).input_ids
+
+    def tokenize_text(self, text: str) -> list[int]:
+        """Token ids of plain text: special-token strings in it are ordinary characters, never control tokens."""
+        if self._plain is None:
+            return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The rendered chat as token ids, with one placeholder per image / video: the template's own markup is
+        tokenized with its control tokens, every message text as plain text."""
+        texts: list[str] = []
+
+        def hole(text: str) -> str:
+            texts.append(text)
+            return f"{_HOLE}{len(texts) - 1}{_HOLE}"
+
+        holed = []
+        for m in _normalized(messages):
+            content = m["content"]
+            if isinstance(content, str):
+                content = hole(content)
+            else:
+                content = [{**c, "text": hole(c["text"])} if c.get("type") == "text" else c for c in content]
+            holed.append({**m, "content": content})
+        rendered = self.tokenizer.apply_chat_template(
+            holed, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        ids: list[int] = []
+        for k, piece in enumerate(_HOLES.split(rendered)):
+            if k % 2:
+                ids += self.tokenize_text(texts[int(piece)])
+            elif piece:
+                ids += self.tokenize(piece)
+        return ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -312,5 +350,28 @@ class Processor:
                         videos.append(
                             self.encode_video(v, item.get("fps", video_fps), item.get("max_frames", video_max_frames))
                         )
-        ids = self.expand(self.tokenize(self.render(messages, add_generation_prompt)), images, videos)
+        ids = self.expand(self.chat_ids(messages, add_generation_prompt), images, videos)
         return Prompt(torch.tensor([ids]), images, videos)
+
+
+def _normalized(messages: list[dict]) -> list[dict]:
+    out = []
+    for m in messages:
+        content = m["content"]
+        if not isinstance(content, str):
+            content = [
+                c if c.get("type") in ("image", "video", "text") else {"type": "text", "text": str(c)} for c in content
+            ]
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def _plain_text_tokenizer(tokenizer):
+    """A private copy of a fast tokenizer's backend that reads special-token strings as text (a copy, because the
+    switch is a property of the backend object, shared with every thread that tokenizes markup)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_special_tokens"):
+        return None
+    plain = copy.deepcopy(backend)
+    plain.encode_special_tokens = True
+    return plain

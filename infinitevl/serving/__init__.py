@@ -1,8 +1,12 @@
 """`infinitevl serve`: an OpenAI-compatible HTTP server with persistent streaming-video sessions (FastAPI + uvicorn).
 
-app.py (routes) over completions.py (OpenAI requests <-> generations), scheduler.py (the model's one worker
-thread, fair queue, batched decoding), sessions.py (registry, persistence, snapshots), media.py (data URLs, the
-media root, remote fetches), security.py (API key, body limit), errors.py (the OpenAI error shape).
+app.py (the app, middleware, health / version / metrics) over openai_routes.py and session_routes.py (the routes),
+prompts.py (requests -> token ids within the limits), responses.py (events -> JSON or server-sent events),
+scheduler.py (the model's one worker thread: fair queue, prefill chunks between batched decode steps), sampling.py
+(one request's choices), prefill.py (chunked prefill), sessions.py and store.py (sessions, durable on disk),
+media.py (data URLs, the media root, remote fetches), security.py (API key, body limit), observability.py (request
+ids, access log, Prometheus), errors.py (the OpenAI error shape), schemas.py and session_schemas.py (the bodies); write_cost.py
+measures what durable session writes cost at a real model's size.
 FastAPI and uvicorn (the `serve` extra) are imported only when the app is built, not by `config`.
 """
 

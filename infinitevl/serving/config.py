@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+DURABILITY = ("journal", "full", "none")
+
 
 @dataclass
 class ServerConfig:
@@ -30,6 +32,15 @@ class ServerConfig:
     max_snapshots: int = 8  # per session; the oldest is dropped beyond it
     frame_size: int = 448  # default side of session frames (448 -> 256 tokens per frame)
     janitor_interval: float = 30.0  # seconds between idle-session sweeps
+    # With a state directory, what an acknowledged session change costs: "journal" appends what changed (the whole
+    # recurrent memory, the attention slots written) to the session's log and fsyncs it before answering, folding
+    # the log into the state file when it outgrows it; "full" rewrites and fsyncs the whole state file; "none"
+    # writes only on create, snapshot, idle unloading and shutdown (a crash loses the changes since).
+    durability: str = "journal"
+    prefill_chunk: int = 256  # tokens prefilled between two batched decode steps (long prompts and appends)
+    shutdown_grace: float = 10.0  # seconds open answers get to finish when the server stops; then they end
+    allowed_origins: tuple[str, ...] = ()  # CORS: browser origins allowed to call the API ("*": any); none: off
+    max_logprobs: int = 20  # top_logprobs / logprobs per token
 
     def __post_init__(self) -> None:
         problems = []
@@ -42,8 +53,15 @@ class ServerConfig:
             problems.append(f"frame_size must be a multiple of 28 in [56, 1344] (got {self.frame_size})")
         if self.video_fps <= 0:
             problems.append(f"video_fps must be > 0 (got {self.video_fps})")
+        if self.durability not in DURABILITY:
+            problems.append(f"durability must be one of {', '.join(DURABILITY)} (got {self.durability!r})")
+        if self.prefill_chunk < 16:
+            problems.append(f"prefill_chunk must be >= 16 tokens (got {self.prefill_chunk})")
+        if self.shutdown_grace < 0:
+            problems.append(f"shutdown_grace must be >= 0 seconds (got {self.shutdown_grace})")
         if problems:
             raise ValueError("; ".join(problems))
+        self.allowed_origins = tuple(self.allowed_origins)
         self.state_dir = Path(self.state_dir) if self.state_dir is not None else None
         self.media_root = Path(self.media_root).resolve(strict=True) if self.media_root is not None else None
         if self.session_idle_timeout is not None and self.session_idle_timeout <= 0:

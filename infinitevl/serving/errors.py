@@ -2,7 +2,9 @@
 
 Every failure the server reports goes through `APIError` or one of the handlers installed here, so clients (the
 official `openai` package maps statuses to exception classes) always get the same shape and a message that says
-what was wrong. Validation errors are 400 (as OpenAI answers them), not FastAPI's default 422.
+what was wrong, in terms of the client's own input (never a server path or an object's address). Validation errors
+are 400 (as OpenAI answers them), not FastAPI's default 422. An unexpected failure is a 500 whose message gives only
+the request id; the details go to the server log.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ ERROR_TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    499: "invalid_request_error",
     405: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
@@ -65,7 +68,7 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
         return f"malformed JSON in the request body: {ctx.get('error', 'decode error')} (at character {pos})", None
     parts, param = [], None
     for err in errors[:5]:
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path", "header")]
         where = ".".join(loc)
         if param is None and where:
             param = where
@@ -104,4 +107,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, err: Exception) -> JSONResponse:
         log.exception("unhandled error in %s %s", request.method, request.url.path)
-        return APIError(500, f"internal server error: {type(err).__name__}: {err}").response()
+        return internal_error().response()
+
+
+def internal_error() -> APIError:
+    """A 500 that says nothing about the server's insides; the log has the traceback under the request id."""
+    from .observability import current_request_id
+
+    return APIError(
+        500,
+        f"internal server error (request id {current_request_id() or '-'}); the server log has the details",
+        code="internal_error",
+    )

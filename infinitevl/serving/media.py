@@ -6,13 +6,15 @@ fetched unless the server enables it, and then only from public addresses (unles
 time limit, without following redirects; every image or video is decoded completely, within the pixel, duration and
 frame limits, before anything reaches the model. Failures raise `APIError` with the status to answer: 400 for bad
 input, 403 for a forbidden path or host. It does not guard against a file being swapped for a symlink between the
-check and the open (the media root should not be writable by clients).
+check and the open (the media root should not be writable by clients). Error messages name the client's own input
+(`messages[0].content[1]`, the path it gave), never a server path, a temporary file or an object's address.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import ipaddress
 import re
 import socket
@@ -50,19 +52,23 @@ class MediaLoader:
     # -- public --------------------------------------------------------------------------------------------------
     def image(self, url: str, where: str = "image") -> Image.Image:
         """An RGB image from a data URL, a file under the media root or (if enabled) a remote URL."""
-        return self.image_from(self.source(url, "image", where), where)
+        with _param(where):
+            return self.image_from(self.source(url, "image", where), where)
 
     def image_from(self, source: bytes | Path, where: str = "image") -> Image.Image:
         try:
             return load_image(source, max_pixels=self.config.max_image_pixels)
         except MediaError as err:
-            raise APIError(400, f"{where}: {_strip_name(err, source)}", code="invalid_image") from err
+            raise APIError(400, f"{where}: {_client_text(err, source)}", code="invalid_image", param=where) from err
         except Exception as err:  # PIL's DecompressionBombError and friends
-            raise APIError(400, f"{where}: cannot decode image ({err})", code="invalid_image") from err
+            raise APIError(
+                400, f"{where}: cannot decode image ({_client_text(err, source)})", code="invalid_image", param=where
+            ) from err
 
     def video(self, url: str, fps: float | None = None, where: str = "video") -> VideoFrames:
         """Frames sampled from a video URL within the duration and frame limits."""
-        return self.video_from(self.source(url, "video", where), fps, where)
+        with _param(where):
+            return self.video_from(self.source(url, "video", where), fps, where)
 
     def video_from(self, source: bytes | Path, fps: float | None = None, where: str = "video") -> VideoFrames:
         if isinstance(source, Path):
@@ -70,19 +76,25 @@ class MediaLoader:
         with tempfile.NamedTemporaryFile(prefix="infinitevl-video-") as tmp:
             tmp.write(source)
             tmp.flush()
-            return self._read_video(Path(tmp.name), fps, where)
+            try:
+                return self._read_video(Path(tmp.name), fps, where)
+            except APIError as err:  # the temporary file's name means nothing to the client
+                err.message = err.message.replace(tmp.name, "the video data")
+                raise
 
     def source(self, url: str, kind: str, where: str) -> bytes | Path:
         """The raw bytes (data and remote URLs) or the confined path (local files) that `url` names."""
         url = url.strip()
-        if url.startswith("data:"):
+        if url[:5].lower() == "data:":
             return self._data_url(url, kind, where)
         scheme = url.split(":", 1)[0].lower() if _SCHEME.match(url) else ""
         if scheme in ("http", "https"):
             return self._remote(url, where)
         if scheme in ("", "file"):
             return self._local(url, where)
-        raise APIError(400, f"{where}: unsupported URL scheme {scheme!r} (use data:, file: or a path)", code="bad_url")
+        raise APIError(
+            400, f"{where}: unsupported URL scheme {scheme[:32]!r} (use data:, file: or a path)", code="bad_url"
+        )
 
     # -- sources ---------------------------------------------------------------------------------------------------
     def _data_url(self, url: str, kind: str, where: str) -> bytes:
@@ -201,7 +213,9 @@ class MediaLoader:
                 elif container.duration is not None:
                     duration = container.duration / 1e6
         except Exception as err:
-            raise APIError(400, f"{where}: cannot decode video ({err})", code="invalid_video") from err
+            raise APIError(
+                400, f"{where}: cannot decode video ({_client_text(err, path)})", code="invalid_video", param=where
+            ) from err
         if width * height > c.max_image_pixels:
             raise APIError(
                 400,
@@ -219,15 +233,33 @@ class MediaLoader:
         try:
             return read_video(path, fps=fps, max_frames=c.max_video_frames, max_duration=c.max_video_seconds)
         except MediaError as err:
-            raise APIError(400, f"{where}: {_strip_name(err, path)}", code="invalid_video") from err
+            raise APIError(400, f"{where}: {_client_text(err, path)}", code="invalid_video", param=where) from err
 
 
 def _too_large(where: str, limit: int) -> APIError:
     return APIError(400, f"{where}: the remote file exceeds the limit of {limit} bytes", code="remote_media_too_large")
 
 
-def _strip_name(err: Exception, source) -> str:
-    """Media errors start with the file name; a temporary or server-side path means nothing to the client."""
+@contextlib.contextmanager
+def _param(where: str):
+    """Every media error names the part of the request it is about in `param`."""
+    try:
+        yield
+    except APIError as err:
+        err.param = err.param or where
+        raise
+
+
+_OBJECT_REPR = re.compile(r"\s*<[^<>]*(?: at 0x[0-9a-fA-F]+| name=[^<>]*)>")
+
+
+def _client_text(err: Exception, source) -> str:
+    """An error's text without what the client did not give: media errors start with the file name (a temporary
+    or server-side path), and PIL and PyAV quote object reprs and paths."""
     text = str(err)
     name = "image bytes" if isinstance(source, bytes) else str(source)
-    return text[len(name) + 2 :] if text.startswith(name + ": ") else text
+    if text.startswith(name + ": "):
+        text = text[len(name) + 2 :]
+    if isinstance(source, Path):
+        text = text.replace(str(source), "the file")
+    return _OBJECT_REPR.sub("", text)

@@ -1,37 +1,41 @@
 """One worker thread owns the model; every request that runs it goes through this scheduler.
 
-Jobs wait in one bounded FIFO queue (submitting to a full queue raises a 429 `APIError`). A job is either a task
-(any callable, e.g. appending frames to a session) or a generation. A generation is admitted when a batch row is
-free: its prompt is prefilled straight into that row of a pooled state of `max_batch` rows, and from then on all
-active generations advance together, one batched `decode_step` per scheduler step. Every active request gets one
-token per step (round robin by construction) and B streams cost little more than one, because the per-stream state
-has a fixed size. Rows stay contiguous: a finished or cancelled generation's row is overwritten by the last active
-row. Each step runs at most one queued job before decoding, so neither a queue of frames or long prompts nor a full
-batch of decodes starves the other.
+Jobs wait in one bounded FIFO queue (submitting to a full queue raises a 429 `APIError`; a requester that goes
+away while waiting leaves the queue at once). A job is a task (any callable, e.g. appending frames to a session) or
+a generation (sampling.py). At most one job is in progress at a time, and it advances one step per scheduler
+iteration: a task whose callable returns a generator runs one `next()` per step (a frame, a prefill chunk), a
+generation's prefill one chunk (prefill.py). Between two steps, every active generation advances by one token in
+one batched `decode_step`, so a long prefill never freezes the streams being decoded: a decoding stream waits at
+most one step of the job in progress between two of its tokens.
 
-Generations report to the requester's asyncio loop as `Event`s: "started", text pieces, then "done" (or "error" /
-"cancelled"). A requester that goes away calls `GenerationHandle.cancel()` and its row is freed at the next step.
-Not here: HTTP, media decoding, sessions.
+Active generations live in the rows [0, active) of a pooled state of `max_batch` rows; a generation with `n`
+choices is admitted when `n` rows are free, its prompt prefilled once into the first free row and copied into the
+others. A finished or cancelled choice's row is overwritten by the last active row, so rows stay contiguous.
+`drain` (the server is stopping) refuses new work, fails what is queued, lets the running answers go on until a
+deadline and then ends them with an error event. Not here: HTTP, media decoding, sessions.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import inspect
 import logging
 import threading
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
-from ..engine.generation import Sampler, SamplingParams, decode_step, held_back
+from ..engine.generation import decode_step
 from ..state import AttentionLayerState, InfiniteVLState, LinearLayerState
-from .errors import APIError
+from .errors import APIError, internal_error
+from .sampling import ChoiceState, Event, Generation
 
 log = logging.getLogger("infinitevl.serving")
+SHUTTING_DOWN = "the server is shutting down"
 
 
 def rows(state: InfiniteVLState, start: int, stop: int) -> InfiniteVLState:
@@ -47,108 +51,36 @@ def rows(state: InfiniteVLState, start: int, stop: int) -> InfiniteVLState:
 
 
 @dataclass
-class Event:
-    kind: str  # "started" | "text" | "done" | "error" | "cancelled"
-    text: str = ""
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: APIError | None = None
-
-
-class GenerationHandle:
-    """The requester's side of a generation: its events in order (on the requester's loop), and `cancel()`."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = loop
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
-        self.cancelled = False
-
-    def post(self, event: Event) -> None:
-        """Called from the worker thread."""
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
-
-    async def next(self) -> Event:
-        return await self._events.get()
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-@dataclass
-class Generation:
-    """The worker's side of one request: prefill, sampling, stop handling, and text released as it is safe.
-
-    `prepare(row)` fills a one-row state view with the prompt and returns the last logits [1, vocab]."""
-
-    handle: GenerationHandle
-    prepare: Callable[[InfiniteVLState], torch.Tensor]
-    params: SamplingParams
-    decode_text: Callable[[list[int]], str]
-    stop_token_ids: frozenset[int]
-    logit_bias: torch.Tensor | None = None  # [vocab]
-    history: list[int] = field(default_factory=list)  # for the repetition penalty
-    produced: list[int] = field(default_factory=list)
-    next_token: int | None = None
-    prompt_tokens: int = 0
-    done: bool = False
-    _emitted: int = 0  # characters of the answer already sent
-
-    def __post_init__(self) -> None:
-        self.sampler = Sampler(self.params)  # validates the parameters
-
-    def accept(self, logits: torch.Tensor) -> None:
-        """Sample the next token from logits [1, vocab]; either finish or set `next_token` to feed."""
-        if self.logit_bias is not None:
-            logits = logits.float() + self.logit_bias.to(logits.device)
-        token = int(self.sampler(logits, [self.history])[0])
-        if token in self.stop_token_ids:
-            return self._finish("stop", self.decode_text(self.produced))
-        self.produced.append(token)
-        self.history.append(token)
-        text = self.decode_text(self.produced)
-        stops = self.params.stop_strings
-        if stops:
-            longest = max(len(s) for s in stops)
-            hits = [i for i in (text.find(s, max(0, self._emitted - longest)) for s in stops) if i >= 0]
-            if hits:
-                return self._finish("stop", text[: min(hits)])
-        if len(self.produced) >= self.params.max_new_tokens:
-            return self._finish("length", text)
-        self._emit(text[: len(text) - held_back(text, stops)])
-        self.next_token = token
-
-    def _emit(self, text: str) -> None:
-        if len(text) > self._emitted:
-            self.handle.post(Event("text", text[self._emitted :]))
-            self._emitted = len(text)
-
-    def _finish(self, reason: str, text: str) -> None:
-        self._emit(text)
-        self.done = True
-        self.handle.post(
-            Event("done", finish_reason=reason, prompt_tokens=self.prompt_tokens, completion_tokens=len(self.produced))
-        )
-
-
-@dataclass
 class _Task:
     fn: Callable[[], object]
     future: Future
+    steps: Generator | None = None
+
+
+@dataclass
+class _Prefill:
+    """A generation whose prompt is being prefilled into pool row `row`."""
+
+    gen: Generation
+    row: int
+    steps: Generator | None = None
+    started: float = field(default_factory=time.perf_counter)
 
 
 class Scheduler:
-    def __init__(self, model, max_batch: int = 8, max_queue: int = 64):
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, metrics=None):
         self.model = model
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.metrics = metrics
         self.pool = model.new_state(max_batch)  # [max_batch] rows; rows [0, len(active)) are in use
         self._pending: deque[_Task | Generation] = deque()
-        self._active: list[Generation] = []
+        self._current: _Task | _Prefill | None = None
+        self._active: list[ChoiceState] = []
         self._cv = threading.Condition()
-        self._stopping = False
+        self._stopping = False  # the worker ends
+        self._draining: float | None = None  # deadline (monotonic) for the running answers
         self._thread: threading.Thread | None = None
-        self.counters = dict(decode_steps=0, decoded_tokens=0, completed=0, cancelled=0, rejected=0)
+        self.counters = dict(decode_steps=0, decoded_tokens=0, prefill_chunks=0, completed=0, cancelled=0, rejected=0)
 
     # -- requester side ----------------------------------------------------------------------------------------------
     @property
@@ -157,7 +89,11 @@ class Scheduler:
 
     @property
     def active(self) -> int:
-        return len(self._active)
+        return len({id(c.gen) for c in self._active}) + isinstance(self._current, _Prefill)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining is not None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="infinitevl-worker", daemon=True)
@@ -171,23 +107,46 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def drain(self, grace: float) -> None:
+        """Refuse new work, fail the queued, and give the running answers `grace` seconds before ending them."""
+        pending: list[_Task | Generation] = []
+        with self._cv:
+            if self._draining is None:
+                self._draining = time.monotonic() + grace
+                pending, self._pending = list(self._pending), deque()
+                self._cv.notify()
+        for job in pending:
+            self._fail_job(job, APIError(503, SHUTTING_DOWN, code="shutting_down"))
+
     def submit_task(self, fn: Callable[[], object], internal: bool = False) -> Future:
-        """Run `fn()` on the worker thread; `internal` work (the idle-session sweep) bypasses the queue limit."""
+        """Run `fn()` on the worker thread; if it returns a generator, one `next()` per scheduler step. `internal`
+        work (the idle-session sweep) bypasses the queue limit."""
         task = _Task(fn, Future())
         self._enqueue(task, internal)
+        task.future.add_done_callback(lambda f: f.cancelled() and self._withdraw(task))
         return task.future
 
     async def run(self, fn: Callable[[], object]):
-        """Await `fn()` run on the worker thread."""
-        return await asyncio.wrap_future(self.submit_task(fn))
+        """Await `fn()` run on the worker thread; cancelling the await while the task is queued withdraws it."""
+        future = self.submit_task(fn)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.cancel()  # only takes effect while it waits in the queue
+            raise
 
-    def submit_generation(self, generation: Generation) -> None:
-        self._enqueue(generation, internal=False)
+    def submit_generation(self, gen: Generation) -> None:
+        if gen.n > self.max_batch:
+            raise APIError(
+                400, f"n is {gen.n}; this server decodes at most {self.max_batch} answers at once", param="n"
+            )
+        gen.handle.on_cancel = lambda: self._withdraw(gen)
+        self._enqueue(gen, internal=False)
 
     def _enqueue(self, job: _Task | Generation, internal: bool) -> None:
         with self._cv:
-            if self._stopping:
-                raise APIError(503, "the server is shutting down", code="shutting_down")
+            if self._stopping or self._draining is not None:
+                raise APIError(503, SHUTTING_DOWN, code="shutting_down")
             if not internal and len(self._pending) >= self.max_queue:
                 self.counters["rejected"] += 1
                 raise APIError(
@@ -200,106 +159,204 @@ class Scheduler:
             self._pending.append(job)
             self._cv.notify()
 
+    def _withdraw(self, job: _Task | Generation) -> None:
+        """A requester went away: a job still in the queue leaves it now (one running is stopped by the worker)."""
+        with self._cv:
+            try:
+                self._pending.remove(job)
+            except ValueError:
+                return
+            self.counters["cancelled"] += 1
+        if isinstance(job, Generation):
+            job.handle.post(Event("cancelled"))  # its handler is waiting for the prefill: it returns now
+
     # -- worker side ---------------------------------------------------------------------------------------------------
     def _loop(self) -> None:
         torch.set_grad_enabled(False)  # per thread
         while True:
             with self._cv:
-                while not (self._stopping or self._pending or self._active):
+                while not (self._stopping or self._pending or self._active or self._current):
                     self._cv.wait()
                 if self._stopping:
                     break
-                job = self._take_job()
-            if isinstance(job, _Task):
-                self._run_task(job)
-            elif job is not None:
-                self._admit(job)
+                if self._current is None:
+                    self._current = self._take_job()
+            if self._current is not None:
+                self._advance()
+            self._cut_if_past_deadline()
             if self._active:
                 self._step()
-        self._fail_all(APIError(503, "the server is shutting down", code="shutting_down"))
+        self._fail_all(APIError(503, SHUTTING_DOWN, code="shutting_down"))
 
-    def _take_job(self) -> _Task | Generation | None:
-        """The oldest job that can run now: any task, a generation only while a batch row is free."""
+    def _take_job(self) -> _Task | _Prefill | None:
+        """The oldest job that can run now: any task, a generation only while it has enough free rows."""
         for i, job in enumerate(self._pending):
-            if isinstance(job, _Task) or len(self._active) < self.max_batch:
+            if isinstance(job, _Task):
                 del self._pending[i]
                 return job
+            if len(self._active) + job.n <= self.max_batch:
+                del self._pending[i]
+                return _Prefill(job, len(self._active))
         return None
 
-    def _run_task(self, task: _Task) -> None:
-        if not task.future.set_running_or_notify_cancel():
-            return
+    def _advance(self) -> None:
+        """One step of the job in progress."""
+        job = self._current
+        t0 = time.perf_counter()
+        if isinstance(job, _Task):
+            done = self._advance_task(job)
+        else:
+            done = self._advance_prefill(job)
+        if self.metrics is not None:
+            self.metrics.prefill_chunk_seconds.observe(time.perf_counter() - t0)
+        self.counters["prefill_chunks"] += 1
+        if done:
+            self._current = None
+
+    def _advance_task(self, task: _Task) -> bool:
         try:
-            task.future.set_result(task.fn())
+            if task.steps is None:
+                if not task.future.set_running_or_notify_cancel():
+                    return True  # withdrawn
+                result = task.fn()
+                if not inspect.isgenerator(result):
+                    task.future.set_result(result)
+                    return True
+                task.steps = result
+            next(task.steps)
+            return False
+        except StopIteration as stop:
+            task.future.set_result(stop.value)
         except BaseException as err:  # handed to the requester
             task.future.set_exception(err)
+        return True
 
-    def _admit(self, gen: Generation) -> None:
+    def _advance_prefill(self, job: _Prefill) -> bool:
+        gen = job.gen
         if gen.handle.cancelled:
-            self._retired(gen)
-            return
-        row = rows(self.pool, len(self._active), len(self._active) + 1)
+            self.counters["cancelled"] += 1
+            gen.handle.post(Event("cancelled"))
+            return True
         try:
-            logits = gen.prepare(row)
-            gen.prompt_tokens = int(row.num_tokens[0])
-            gen.handle.post(Event("started", prompt_tokens=gen.prompt_tokens))
-            gen.accept(logits)
+            if job.steps is None:
+                row = rows(self.pool, job.row, job.row + 1)
+                row.reset()
+                result = gen.prepare(row)
+                if not inspect.isgenerator(result):
+                    self._admit(job, result)
+                    return True
+                job.steps = result
+            next(job.steps)
+            return False
+        except StopIteration as stop:
+            self._admit(job, stop.value)
         except Exception as err:
-            gen.done = True
-            gen.handle.post(Event("error", error=_as_api_error(err)))
+            self._fail_job(gen, _as_api_error(err))
+        return True
+
+    def _admit(self, job: _Prefill, result) -> None:
+        """The prompt is in row `job.row`: start the choices in the first free rows."""
+        gen = job.gen
+        logits, prompt_logprobs = result if gen.echo_logprobs else (result, None)
+        first = len(self._active)  # rows may have been freed while the prompt was prefilled
+        source = rows(self.pool, job.row, job.row + 1)
+        gen.prompt_tokens = int(source.num_tokens[0])
+        for k in range(gen.n):
+            if first + k != job.row:
+                rows(self.pool, first + k, first + k + 1).copy_(source)
+        if self.metrics is not None:
+            self.metrics.prefill_seconds.observe(time.perf_counter() - job.started)
+            self.metrics.prompt_tokens.inc(gen.prompt_tokens)
+        gen.handle.post(Event("started", prompt_tokens=gen.prompt_tokens, prompt_logprobs=prompt_logprobs))
+        if gen.score_only():
+            gen.finish_unsampled()
+            self._finished(gen)
             return
-        if gen.done:
-            self.counters["completed"] += 1
-        else:
-            self._active.append(gen)
+        for choice in gen.choices:
+            choice.accept(logits)
+            if not choice.done:
+                self._active.append(choice)
+        if all(c.done for c in gen.choices):
+            self._finished(gen)
 
     def _step(self) -> None:
-        """One batched decode step over every active generation, then retire the finished and cancelled."""
+        """One batched decode step over every active choice, then retire the finished and cancelled."""
         n = len(self._active)
+        t0 = time.perf_counter()
         try:
-            tokens = torch.tensor([g.next_token for g in self._active])
+            tokens = torch.tensor([c.next_token for c in self._active])
             logits = decode_step(self.model, rows(self.pool, 0, n), tokens)  # [n, vocab]
             self.counters["decode_steps"] += 1
             self.counters["decoded_tokens"] += n
-            for i, gen in enumerate(self._active):
-                if not gen.handle.cancelled:
-                    gen.accept(logits[i : i + 1])
+            for i, choice in enumerate(self._active):
+                if not choice.gen.handle.cancelled:
+                    choice.accept(logits[i : i + 1])
         except Exception as err:
             log.exception("decode step failed")
             self._fail_active(_as_api_error(err))
             return
+        if self.metrics is not None:
+            self.metrics.decoded(n, time.perf_counter() - t0)
         for i in reversed(range(n)):
-            gen = self._active[i]
-            if gen.done or gen.handle.cancelled:
+            choice = self._active[i]
+            if choice.done or choice.gen.handle.cancelled:
                 last = len(self._active) - 1
                 if i != last:
                     rows(self.pool, i, i + 1).copy_(rows(self.pool, last, last + 1))
                     self._active[i] = self._active[last]
                 self._active.pop()
-                self._retired(gen)
+                self._retired(choice)
 
-    def _retired(self, gen: Generation) -> None:
-        if gen.done:
-            self.counters["completed"] += 1
-        else:
+    def _retired(self, choice: ChoiceState) -> None:
+        gen = choice.gen
+        if any(c.gen is gen for c in self._active):
+            return  # its other choices are still running
+        if gen.handle.cancelled and not all(c.done for c in gen.choices):
             self.counters["cancelled"] += 1
-            gen.handle.post(Event("cancelled", prompt_tokens=gen.prompt_tokens, completion_tokens=len(gen.produced)))
+            gen.handle.post(Event("cancelled"))
+            if self.metrics is not None:
+                self.metrics.requests.labels("cancelled").inc()
+        else:
+            self._finished(gen)
+
+    def _finished(self, gen: Generation) -> None:
+        self.counters["completed"] += 1
+        if self.metrics is not None:
+            self.metrics.requests.labels("completed").inc()
+
+    def _cut_if_past_deadline(self) -> None:
+        if not self._active or self._draining is None or time.monotonic() < self._draining:
+            return
+        err = APIError(503, f"{SHUTTING_DOWN}; the answer was cut short", code="shutting_down")
+        for choice in self._active:
+            choice.cut(err)
+        self._active.clear()
+
+    def _fail_job(self, job: _Task | Generation, err: APIError) -> None:
+        if isinstance(job, _Task):
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(err)
+        else:
+            job.handle.post(Event("error", error=err))
+            if self.metrics is not None:
+                self.metrics.requests.labels("error").inc()
 
     def _fail_active(self, err: APIError) -> None:
-        for gen in self._active:
+        for gen in {id(c.gen): c.gen for c in self._active}.values():
             gen.handle.post(Event("error", error=err))
         self._active.clear()
 
     def _fail_all(self, err: APIError) -> None:
         self._fail_active(err)
+        current, self._current = self._current, None
+        if isinstance(current, _Prefill):
+            self._fail_job(current.gen, err)
+        elif isinstance(current, _Task) and not current.future.done():
+            current.future.set_exception(err)
         with self._cv:
             pending, self._pending = list(self._pending), deque()
         for job in pending:
-            if isinstance(job, _Task):
-                if job.future.set_running_or_notify_cancel():
-                    job.future.set_exception(err)
-            else:
-                job.handle.post(Event("error", error=err))
+            self._fail_job(job, err)
 
 
 def _as_api_error(err: Exception) -> APIError:
@@ -308,4 +365,4 @@ def _as_api_error(err: Exception) -> APIError:
     if isinstance(err, ValueError):  # media, state and parameter problems the engine reports
         return APIError(400, str(err), code="invalid_request")
     log.error("generation failed", exc_info=err)
-    return APIError(500, f"generation failed: {type(err).__name__}: {err}", code="internal_error")
+    return internal_error()

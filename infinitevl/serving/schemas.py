@@ -1,42 +1,61 @@
-"""Request and response bodies: the OpenAI chat shapes, and our streaming-session extension.
+"""Request and response bodies of the OpenAI-compatible routes (chat completions, completions, models) and of the
+server's own routes (health, version, errors). The streaming-session shapes are in `session_schemas.py`.
 
-These models are what FastAPI validates and publishes in `/openapi.json`. Parameters that OpenAI defines but this
-server cannot honour (n > 1, logprobs, tools, penalties) are accepted at their neutral values and refused otherwise,
-so a client never silently gets something it did not ask for. `top_k` and `repetition_penalty` are accepted as
-vLLM does. Unknown fields are ignored.
+These models are what FastAPI validates and publishes in `/openapi.json`. Numbers must be finite (`Infinity` and
+`NaN` are refused) and within the ranges the engine honours. Parameters that OpenAI defines but this server cannot
+honour (tools, a JSON response format, `suffix`) are refused with the parameter named, so a client never silently
+gets something it did not ask for. `top_k` and `repetition_penalty` are accepted as vLLM does. Unknown fields are
+ignored (clients send `user`, `metadata` and the like).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..engine.session import DEFAULT_SYSTEM
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+MAX_STOPS = 16
+MAX_CHOICES = 16
+
+
+class Body(BaseModel):
+    """Every request body: finite numbers only, unknown fields ignored."""
+
+    model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
+
+
+class Unsupported(ValueError):
+    """A parameter this server does not honour; `param` names it in the error."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
 
 # -- requests: chat ------------------------------------------------------------------------------------------------
 
 
-class ImageURL(BaseModel):
+class ImageURL(Body):
     url: str = Field(description="data:image/...;base64,..., a file under the media root, or http(s) when enabled")
     detail: str | None = None
 
 
-class VideoURL(BaseModel):
+class VideoURL(Body):
     url: str = Field(description="data:video/...;base64,..., a file under the media root, or http(s) when enabled")
 
 
-class TextPart(BaseModel):
+class TextPart(Body):
     type: Literal["text"]
     text: str
 
 
-class ImagePart(BaseModel):
+class ImagePart(Body):
     type: Literal["image_url"]
     image_url: ImageURL
 
 
-class VideoPart(BaseModel):
+class VideoPart(Body):
     """A video, in the form vLLM accepts."""
 
     type: Literal["video_url"]
@@ -46,68 +65,131 @@ class VideoPart(BaseModel):
 ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart]
     name: str | None = None
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(Body):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
-    """Sampling parameters shared by chat completions and session questions."""
+class ResponseFormat(Body):
+    type: str
+
+
+class SamplingFields(Body):
+    """Sampling parameters shared by chat completions, completions and session questions."""
 
     max_tokens: int | None = Field(None, ge=1, description="completion budget (default: the server's)")
     max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
     temperature: float | None = Field(None, ge=0, le=2, description="0 (the default) is greedy")
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, description="extension (as vLLM): 0 disables")
-    repetition_penalty: float | None = Field(None, gt=0, description="extension (as vLLM): 1 disables")
-    stop: str | list[str] | None = Field(None, description="up to 8 stop strings")
-    seed: int | None = None
+    repetition_penalty: float | None = Field(None, gt=0, le=100, description="extension (as vLLM): 1 disables")
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOPS} stop strings")
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     logit_bias: dict[str, float] | None = Field(None, description="token id -> bias in [-100, 100]")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="choices sampled from one prefill (a branch each)")
     stream: bool = False
     stream_options: StreamOptions | None = None
 
     @model_validator(mode="after")
     def _check_stop(self):
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        if len(stops) > 8 or any(not s for s in stops):
-            raise ValueError("stop takes up to 8 non-empty strings")
+        if len(stops) > MAX_STOPS or any(not s for s in stops):
+            raise ValueError(f"stop takes up to {MAX_STOPS} non-empty strings")
         return self
+
+    def unsupported(self) -> Unsupported | None:
+        """The first parameter given that this server cannot honour (checked by the routes, to name it)."""
+        return None
 
 
 class ChatCompletionRequest(SamplingFields):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    n: int = 1
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: the most likely tokens")
+    response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
 
-    @model_validator(mode="after")
-    def _check_unsupported(self):
-        if self.n != 1:
-            raise ValueError("n must be 1 (one choice per request)")
-        if self.presence_penalty or self.frequency_penalty:
-            raise ValueError("presence_penalty and frequency_penalty are not supported (use repetition_penalty)")
-        if self.logprobs:
-            raise ValueError("logprobs are not supported")
-        if self.tools:
-            raise ValueError("tools are not supported")
-        return self
+    def unsupported(self) -> Unsupported | None:
+        if self.top_logprobs and not self.logprobs:
+            return Unsupported("top_logprobs", "top_logprobs needs logprobs: true")
+        if self.response_format is not None and self.response_format.type != "text":
+            return Unsupported(
+                "response_format", f"response_format {self.response_format.type!r} is not supported (only 'text')"
+            )
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                return Unsupported(name, f"{name} are not supported")
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none", "auto"):
+                return Unsupported(name, f"{name} is not supported")
+        return None
 
 
-# -- responses: chat ---------------------------------------------------------------------------------------------
+class CompletionRequest(SamplingFields):
+    """The legacy completions API, which evaluation harnesses use to score text: `echo` with `logprobs` returns the
+    log-probability of every prompt token, and `max_tokens` may be 0."""
+
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="a string, a list of strings, a list of token ids, or a list of such lists"
+    )
+    max_tokens: int | None = Field(16, ge=0, description="completion budget (0: score the prompt only)")
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20, description="the most likely tokens per position, with their own")
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+    def unsupported(self) -> Unsupported | None:
+        if self.suffix:
+            return Unsupported("suffix", "suffix is not supported")
+        if self.best_of not in (None, self.n):
+            return Unsupported("best_of", "best_of is not supported (it must equal n)")
+        if isinstance(self.prompt, list) and not self.prompt:
+            return Unsupported("prompt", "prompt is an empty list")
+        return None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list, each a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
+
+
+# -- responses -------------------------------------------------------------------------------------------------------
 
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
 
 
 class AssistantMessage(BaseModel):
@@ -119,7 +201,10 @@ class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
+
+
+NOTE = Field(None, description="what the served model can and cannot do, when it is not a general model")
 
 
 class ChatCompletion(BaseModel):
@@ -129,6 +214,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
+    model_note: str | None = NOTE
 
 
 class Delta(BaseModel):
@@ -140,7 +226,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -154,11 +240,40 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy shape: per token its text, log-probability (None for the first prompt token), the most likely
+    tokens as {text: logprob}, and the character offset of the token in the returned text."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: CompletionLogprobs | None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    model_note: str | None = NOTE
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "infinitevl"
+    max_model_len: int | None = Field(None, description="tokens per request (prompt and completion)")
+    model_note: str | None = NOTE
 
 
 class ModelList(BaseModel):
@@ -178,112 +293,30 @@ class ErrorResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "stopping"] = "ok"
     model: str
-    untrained: bool
+    model_kind: Literal["general", "task", "untrained"] = Field(
+        description="general: a model for any prompt; task: trained for one task only; untrained: random weights"
+    )
+    note: str | None = Field(None, description="for task and untrained models: what it can do, how to serve another")
     queued: int
     active: int
     max_batch: int
     sessions: int
     sessions_loaded: int
+    sessions_damaged: int
     decode_steps: int  # batched decode steps run so far
     decoded_tokens: int  # tokens produced by those steps
+    prefill_chunks: int  # prefill chunks run between decode steps
     completed: int
     cancelled: int
     rejected: int  # requests refused because the queue was full
     precision: dict  # dtype (and how it was chosen), quantization, kernel, weight bytes
 
 
-# -- sessions ----------------------------------------------------------------------------------------------------
-
-
-class SessionCreate(BaseModel):
-    system_prompt: str | None = Field(DEFAULT_SYSTEM, description="null or empty: no system turn")
-    frame_size: int | None = Field(None, description="side of live frames in pixels, a multiple of 28")
-
-    @model_validator(mode="after")
-    def _check_size(self):
-        if self.frame_size is not None and (self.frame_size % 28 or not 56 <= self.frame_size <= 1344):
-            raise ValueError(f"frame_size must be a multiple of 28 in [56, 1344] (got {self.frame_size})")
-        return self
-
-
-class Frame(BaseModel):
-    image_url: ImageURL
-    timestamp: float = Field(ge=0, description="seconds; non-decreasing within the stream")
-
-
-class FramesRequest(BaseModel):
-    """Either `frames` (images with timestamps) or a video chunk (`video_url`), appended as live frames."""
-
-    frames: list[Frame] | None = Field(None, min_length=1)
-    video_url: VideoURL | None = None
-    fps: float | None = Field(None, gt=0, description="video chunks: frames sampled per second")
-    timestamp_offset: float | None = Field(
-        None, ge=0, description="video chunks: time of the chunk's first frame (default: after the last frame)"
-    )
-
-    @model_validator(mode="after")
-    def _one_source(self):
-        if (self.frames is None) == (self.video_url is None):
-            raise ValueError("give either frames or video_url")
-        return self
-
-
-class TextAppend(BaseModel):
-    text: str = Field(min_length=1)
-
-
-class AskRequest(SamplingFields):
-    question: str = Field(min_length=1)
-
-
-class RestoreRequest(BaseModel):
-    snapshot_id: str
-
-
-class SnapshotInfo(BaseModel):
-    id: str
-    object: Literal["session.snapshot"] = "session.snapshot"
-    session_id: str
-    created: float
-    tokens: int
-    frames: int
-
-
-class SessionInfo(BaseModel):
-    id: str
-    object: Literal["session"] = "session"
-    created: float
-    last_used: float
-    loaded: bool = Field(description="in memory (false: on disk until its next use)")
-    system_prompt: str | None
-    frame_size: int
-    tokens: int
-    frames: int
-    images: int
-    videos: int
-    questions: int
-    state_bytes: int
-    fps: float = Field(description="frames per second over the last appended frames")
-    tokens_per_second: float
-    ingest_seconds: float
-    snapshots: list[SnapshotInfo]
-
-
-class SessionList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[SessionInfo]
-
-
-class AppendResult(BaseModel):
-    session_id: str
-    frames_appended: int
-    tokens_appended: int
-    session: SessionInfo
-
-
-class Deleted(BaseModel):
-    id: str
-    object: Literal["session"] = "session"
-    deleted: bool = True
+class Version(BaseModel):
+    version: str
+    model: str
+    model_kind: str
+    torch: str
+    durability: str

@@ -1,5 +1,7 @@
 """Running the app under uvicorn: in the foreground (`infinitevl serve`) or in a background thread on a loopback
-port (tests, notebooks). Stopping either runs the app's shutdown, which saves the sessions."""
+port (tests, notebooks). Stopping either first drains the scheduler: nothing new starts, queued requests get 503,
+running answers have the app's `shutdown_grace` seconds to finish and are then ended with an error event (and
+`[DONE]`); then the app's shutdown saves the sessions."""
 
 from __future__ import annotations
 
@@ -9,13 +11,30 @@ import time
 
 import uvicorn
 
-GRACE_SECONDS = 5  # open streams get this long to finish when the server stops
+from .observability import configure_logging
+
+
+class _DrainingServer(uvicorn.Server):
+    async def shutdown(self, sockets=None) -> None:
+        ctx = getattr(getattr(self.config.app, "state", None), "ctx", None)
+        if ctx is not None:
+            ctx.drain()
+        await super().shutdown(sockets)
+
+
+def _config(app, log_level: str, **kwargs) -> uvicorn.Config:
+    ctx = getattr(app.state, "ctx", None)
+    grace = ctx.config.shutdown_grace if ctx is not None else 5.0
+    # uvicorn's own limit comes after ours, so that answers end with an error event rather than a cut connection
+    return uvicorn.Config(
+        app, log_level=log_level, timeout_graceful_shutdown=grace + 2.0, access_log=False, lifespan="on", **kwargs
+    )
 
 
 def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Serve until SIGINT / SIGTERM."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACE_SECONDS)
-    uvicorn.Server(config).run()
+    configure_logging(log_level)
+    _DrainingServer(_config(app, log_level, host=host, port=port)).run()
 
 
 class BackgroundServer:
@@ -36,10 +55,7 @@ class BackgroundServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.app, log_level=self.log_level, timeout_graceful_shutdown=GRACE_SECONDS, lifespan="on"
-        )
-        self.server = uvicorn.Server(config)
+        self.server = _DrainingServer(_config(self.app, self.log_level))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + timeout

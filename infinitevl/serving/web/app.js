@@ -607,8 +607,9 @@ async function poll() {
 async function start() {
   try {
     const health = await api.json("GET", "/health");
-    const untrained = health.untrained ? " (untrained: its answers are meaningless)" : "";
-    $("server").textContent = `Model ${health.model}${untrained}, at ${location.host}`;
+    const kinds = { untrained: " (untrained: its answers are meaningless)", task: " (trained for one task only)" };
+    $("server").textContent = `Model ${health.model}${kinds[health.model_kind] || ""}, at ${location.host}`;
+    $("server").title = health.note || "";
   } catch (err) {
     $("server").textContent = describe(err);
   }

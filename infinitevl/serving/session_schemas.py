@@ -1,0 +1,117 @@
+"""Request and response bodies of the streaming-session routes (`/v1/sessions...`), our extension of the API.
+
+Timestamps are finite seconds in [0, MAX_TIMESTAMP]: a stream's temporal positions grow with its timestamps, so an
+absurd one (1e300) would leave the session refusing every realistic frame after it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from ..engine.session import DEFAULT_SYSTEM
+from .schemas import Body, ImageURL, SamplingFields, VideoURL
+
+MAX_TIMESTAMP = 1e7  # seconds (about 115 days of stream time)
+
+
+def check_frame_size(size: int | None) -> None:
+    if size is not None and (size % 28 or not 56 <= size <= 1344):
+        raise ValueError(f"frame_size must be a multiple of 28 in [56, 1344] (got {size})")
+
+
+class SessionCreate(Body):
+    system_prompt: str | None = Field(DEFAULT_SYSTEM, description="null or empty: no system turn")
+    frame_size: int | None = Field(None, description="side of live frames in pixels, a multiple of 28")
+
+    @model_validator(mode="after")
+    def _check_size(self):
+        check_frame_size(self.frame_size)
+        return self
+
+
+class Frame(Body):
+    image_url: ImageURL
+    timestamp: float = Field(ge=0, le=MAX_TIMESTAMP, description="seconds; non-decreasing within the stream")
+
+
+class FramesRequest(Body):
+    """Either `frames` (images with timestamps) or a video chunk (`video_url`), appended as live frames."""
+
+    frames: list[Frame] | None = Field(None, min_length=1)
+    video_url: VideoURL | None = None
+    fps: float | None = Field(None, gt=0, le=120, description="video chunks: frames sampled per second")
+    timestamp_offset: float | None = Field(
+        None,
+        ge=0,
+        le=MAX_TIMESTAMP,
+        description="video chunks: time of the chunk's first frame (default: after the last frame)",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.frames is None) == (self.video_url is None):
+            raise ValueError("give either frames or video_url")
+        return self
+
+
+class TextAppend(Body):
+    text: str = Field(min_length=1)
+
+
+class AskRequest(SamplingFields):
+    question: str = Field(min_length=1)
+
+
+class RestoreRequest(Body):
+    snapshot_id: str
+
+
+class SnapshotInfo(BaseModel):
+    id: str
+    object: Literal["session.snapshot"] = "session.snapshot"
+    session_id: str
+    created: float
+    tokens: int
+    frames: int
+
+
+class SessionInfo(BaseModel):
+    id: str
+    object: Literal["session"] = "session"
+    created: float
+    last_used: float
+    status: Literal["ok", "damaged"] = Field(description="damaged: its saved state failed its checksum")
+    damage: str | None = Field(None, description="what is damaged (restore a snapshot or delete the session)")
+    loaded: bool = Field(description="in memory (false: on disk until its next use)")
+    system_prompt: str | None
+    frame_size: int
+    tokens: int
+    frames: int
+    images: int = Field(description="frames given as images")
+    videos: int = Field(description="video chunks appended")
+    questions: int
+    state_bytes: int
+    fps: float = Field(description="frames per second over the last appended frames")
+    tokens_per_second: float
+    ingest_seconds: float
+    snapshots: list[SnapshotInfo]
+
+
+class SessionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SessionInfo]
+
+
+class AppendResult(BaseModel):
+    session_id: str
+    frames_appended: int
+    tokens_appended: int
+    session: SessionInfo
+
+
+class Deleted(BaseModel):
+    id: str
+    object: Literal["session"] = "session"
+    deleted: bool = True
