@@ -337,7 +337,8 @@ class InfiniteVLConfig:
         return dataclasses.replace(self, text=text)
 
     def fingerprint(self) -> dict[str, Any]:
-        """What a saved inference state depends on: every shape of the decoder."""
+        """What a saved inference state depends on: every shape of the decoder, and how positions are numbered
+        (the sliding-window caches hold keys already rotated, and the running RoPE index continues the stream)."""
         t = self.text
         return {
             "hidden_size": t.hidden_size,
@@ -353,6 +354,10 @@ class InfiniteVLConfig:
             "expand_v": t.expand_v,
             "conv_size": t.conv_size,
             "vocab_size": t.vocab_size,
+            "rope_theta": float(t.rope_theta),
+            "mrope_section": list(t.mrope_section),
+            "rope_index_mode": self.rope_index_mode,
+            "tokens_per_second": self.vision.tokens_per_second,
         }
 
 

@@ -209,41 +209,6 @@ class InfiniteVLState:
             t.fill_(-1 if name.endswith("positions") else 0)
         return self
 
-    def select(self, rows: list[int]) -> InfiniteVLState:
-        """A new state holding the given batch rows (copies)."""
-        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
-        return self._map(lambda t: t.index_select(0, idx))
-
-    @classmethod
-    def stack(cls, states: list[InfiniteVLState]) -> InfiniteVLState:
-        """Concatenate states along the batch (for batched decoding of several streams)."""
-        first = states[0]
-        for s in states[1:]:
-            if s.fingerprint != first.fingerprint:
-                raise StateError("cannot batch states of different models")
-        tensors = {k: torch.cat([s.tensors()[k] for s in states]) for k in first.tensors()}
-        return first._from_tensors(tensors)
-
-    def write_rows(self, rows: list[int], other: InfiniteVLState) -> None:
-        """Copy `other`'s batch rows (in order) into this state's `rows`."""
-        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
-        theirs = other.tensors()
-        for k, t in self.tensors().items():
-            t.index_copy_(0, idx, theirs[k].to(t.device))
-
-    def _map(self, fn) -> InfiniteVLState:
-        return self._from_tensors({k: fn(v) for k, v in self.tensors().items()})
-
-    def _from_tensors(self, tensors: dict[str, torch.Tensor]) -> InfiniteVLState:
-        layers = []
-        for i, layer in enumerate(self.layers):
-            fields = {k: tensors[f"layers.{i}.{k}"] for k in layer.tensors()}
-            if isinstance(layer, AttentionLayerState):
-                layers.append(AttentionLayerState(**fields, window=layer.window))
-            else:
-                layers.append(LinearLayerState(**fields))
-        return InfiniteVLState(layers, tensors["next_position"], tensors["num_tokens"], dict(self.fingerprint))
-
     # -- files ---------------------------------------------------------------------------------------------------
     def save(self, path: str | Path, extra: dict[str, str] | None = None) -> Path:
         """Write a safetensors file whose metadata identifies the model configuration. Written to a temporary

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import json
+
 import pytest
 import torch
 from conftest import MEDIA, tiny_model
@@ -77,6 +80,16 @@ def test_loading_into_a_different_model_is_refused(model, tmp_path):
     other = tiny_model(seed=1, sliding_window=12).config
     with pytest.raises(StateError, match="different model configuration .*sliding_window"):
         InfiniteVLState.load(path, other)
+    # states hold rotated keys and a running RoPE index: a model that numbers positions differently is refused
+    for change, name in (
+        (lambda c: setattr(c.text, "rope_theta", c.text.rope_theta * 2), "rope_theta"),
+        (lambda c: setattr(c.text, "mrope_section", list(reversed(c.text.mrope_section))), "mrope_section"),
+        (lambda c: setattr(c, "rope_index_mode", "transformers"), "rope_index_mode"),
+    ):
+        other = copy.deepcopy(model.config)
+        change(other)
+        with pytest.raises(StateError, match=f"different model configuration .*{name}"):
+            InfiniteVLState.load(path, other)
     (tmp_path / "bad.safetensors").write_bytes(b"not a state")
     with pytest.raises(StateError, match="not a readable state snapshot"):
         InfiniteVLState.load(tmp_path / "bad.safetensors")
@@ -199,3 +212,48 @@ def test_chat_turns_are_committed(model, processor):
     n1 = session.stats.tokens
     session.chat("And again?", SamplingParams(max_new_tokens=4), images=[VIDEOS / "2.jpg"])
     assert n0 < n1 < session.stats.tokens and session.stats.images == 1
+
+
+def record_positions(model) -> tuple[list[torch.Tensor], object]:
+    """Every position_ids the decoder is given, in order (a forward pre-hook on the text model)."""
+    seen: list[torch.Tensor] = []
+
+    def hook(module, args):
+        seen.append(args[1][:, 0].clone())  # [3, T] of row 0
+
+    return seen, model.language_model.register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize("interval", [0.25, 0.5, 2 / 3, 1.0, 1.5])
+def test_live_frames_and_training_streams_get_the_same_positions(model, processor, interval, tmp_path):
+    """A session fed frames `interval` seconds apart, and a training sample written as {"frames", "interval"} of
+    the same frames (the data pipeline's own path), give identical token ids and positions."""
+    from infinitevl.training.data import DataOptions, TokenDataset
+
+    frames = [VIDEOS / f"{i % 3 + 1}.jpg" for i in range(5)]
+    question = "Which frame came last?"
+    seen, handle = record_positions(model)
+    try:
+        session = StreamSession(model, processor, frame_size=(56, 56))  # default system prompt, as the data has
+        for i, f in enumerate(frames):
+            session.append_frame(f, i * interval)
+        session.append_text(question)
+    finally:
+        handle.remove()
+    session_positions = torch.cat(seen, dim=1)
+    record = {
+        "messages": [{"role": "user", "content": "<video>" + question}, {"role": "assistant", "content": "3"}],
+        "videos": [{"frames": [str(f) for f in frames], "interval": interval, "size": [56, 56]}],
+    }
+    data = tmp_path / "stream.json"
+    data.write_text(json.dumps([record]))
+    sample = TokenDataset(data, processor, DataOptions(max_length=4096), model.config)[0]
+    n = session_positions.shape[1]
+    ids = processor.tokenize(
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    )  # what the session fed first
+    assert sample.input_ids[: len(ids)] == ids
+    assert torch.equal(sample.position_ids[:, :n], session_positions)
+    video = torch.tensor(sample.input_ids[:n]) == model.config.video_token_id
+    t = session_positions[0, video].unique()
+    assert t.numel() == len({int(i * interval * 2 + 1e-9) for i in range(5)}) > 1  # fractional intervals too

@@ -168,3 +168,62 @@ def test_first_token_of_a_fresh_stream_can_be_a_decode_step():
     state = model.new_state()
     steps = torch.stack([decode_step(model, state, ids[:, t]) for t in range(ids.shape[1])], 1)
     assert (steps - full_logits(model, {"input_ids": ids})).abs().max() < TOL
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chunk=st.integers(1, 60), which=st.integers(0, 2), seed=st.integers(0, 3))
+def test_prefill_embeds_per_chunk_and_equals_the_full_pass(chunk, which, seed, random_models):
+    """prefill itself (not given embeddings or positions) with images and a video, chunks cutting through the
+    vision blocks: the vision tower runs per block (a video per group of frames) as the chunks reach it."""
+    model = random_models[which]
+    inputs = multimodal_input(model, seed)
+    ids = inputs.pop("input_ids")
+    state = model.new_state()
+    got = prefill(model, state, ids, chunk_size=chunk, return_all_logits=True, **inputs)
+    full = model(input_ids=ids, **inputs)
+    assert (got - full.logits).abs().max() < TOL
+    assert torch.equal(state.next_position, full.next_position)
+
+
+def test_vision_tower_runs_per_block_and_per_group_of_frames():
+    model = tiny_model(seed=4)
+    inputs = multimodal_input(model, 0)  # an image of 24 tokens, then a video of 2 steps x 6 tokens
+    grids = []
+    handle = model.model.visual.register_forward_hook(
+        lambda m, args, kwargs, out: grids.append(kwargs["grid_thw"].tolist()), with_kwargs=True
+    )
+    try:
+        ids = inputs.pop("input_ids")
+        prefill(model, model.new_state(), ids, chunk_size=6, **inputs)
+    finally:
+        handle.remove()
+    assert grids == [[[1, 8, 12]], [[1, 4, 6]], [[1, 4, 6]]]  # the image, then each 6-token frame on its own
+
+
+def test_batched_prefill_with_images_in_every_row_equals_single_streams():
+    """Two left-padded rows with their own images: features are taken in row-major order, as a full pass does."""
+    model = tiny_model(seed=6, sliding_window=8)
+    c = model.config
+    g = torch.Generator().manual_seed(2)
+    words = lambda n: torch.randint(0, 370, (n,), generator=g).tolist()  # noqa: E731
+    a = words(9) + [c.vision_start_token_id] + [c.image_token_id] * 24 + [c.vision_end_token_id] + words(7)
+    b = words(4) + [c.vision_start_token_id] + [c.image_token_id] * 4 + [c.vision_end_token_id] + words(3)
+    pix_a, pix_b = torch.randn(96, 1176, generator=g), torch.randn(16, 1176, generator=g)
+    grid_a, grid_b = torch.tensor([[1, 8, 12]]), torch.tensor([[1, 4, 4]])
+    pad = len(a) - len(b)
+    ids = torch.tensor([a, [0] * pad + b])
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    state = model.new_state(2)
+    got = prefill(
+        model,
+        state,
+        ids,
+        mask,
+        chunk_size=5,
+        pixel_values=torch.cat([pix_a, pix_b]),
+        image_grid_thw=torch.cat([grid_a, grid_b]),
+    )
+    for row, (seq, pix, grid) in enumerate(((a, pix_a, grid_a), (b, pix_b, grid_b))):
+        alone = model(input_ids=torch.tensor([seq]), pixel_values=pix, image_grid_thw=grid).logits[0, -1]
+        assert (got[row] - alone).abs().max() < TOL

@@ -30,6 +30,22 @@ def inputs(B, T, hq, hk, hv, dk=16, dv=32, seed=0, dtype=torch.float32):
     return [x.to(dtype) for x in (q, k, v, g, beta, s0)]
 
 
+def assert_unchanged(used, fresh):
+    for name, a, b in zip(("q", "k", "v", "g", "beta", "state"), used, fresh):
+        assert torch.equal(a, b), f"{name} was modified by the call"
+
+
+# Shapes whose chunked views are contiguous, so an in-place normalisation would land on the caller's k: batch 1
+# with one head, and a last chunk of one token (T = 65, 129), with and without autograd.
+@pytest.mark.parametrize("B,H,T", [(1, 1, 64), (1, 1, 1), (1, 1, 65), (2, 3, 65), (1, 4, 129), (2, 1, 1)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_chunked_never_writes_into_its_inputs(B, H, T, grad):
+    used = inputs(B, T, H, H, H, seed=3)
+    with torch.set_grad_enabled(grad):
+        gated_delta_rule_chunked(*used[:5], initial_state=used[5], use_qk_l2norm=True)
+    assert_unchanged(used, inputs(B, T, H, H, H, seed=3))
+
+
 def close(a, b, atol, rtol=1e-4):
     err = (a - b).abs().max().item()
     assert torch.allclose(a, b, atol=atol, rtol=rtol), f"max abs error {err:.3e}"
@@ -43,6 +59,7 @@ def test_chunked_equals_reference_and_transformers(T, with_state, B):
     init = s0 if with_state else None
     o_ref, s_ref = gated_delta_rule_recurrent(q, k, v, g, beta, initial_state=init, use_qk_l2norm=True)
     o, s = gated_delta_rule_chunked(q, k, v, g, beta, initial_state=init, use_qk_l2norm=True)
+    assert_unchanged((q, k, v, g, beta, s0), inputs(B, T, 4, 4, 4))  # the references below get the same inputs
     close(o, o_ref, 2e-5)
     close(s, s_ref, 2e-5)
     o_tc, s_tc = torch_chunk_gated_delta_rule(

@@ -35,6 +35,16 @@ def test_images_match_transformers_processor(processor, name):
     assert ours.num_tokens == h * w // 4
 
 
+@pytest.mark.parametrize("size", [(100, 10), (13, 13), (150, 1), (300, 27), (5, 90), (640, 11)])
+def test_small_and_thin_images_are_sized_as_transformers_sizes_them(processor, size):
+    """Crops of a real photo with a side under 14 px: the grid transformers' own processor gives."""
+    image = load_image(DATA / "1.jpg").crop((0, 0, *size))
+    ours = processor.encode_image(image)
+    ref = Qwen2VLImageProcessorPil(min_pixels=4 * 28 * 28, max_pixels=64 * 28 * 28)(images=[image], return_tensors="pt")
+    assert ours.grid_thw.tolist() == ref["image_grid_thw"].tolist()
+    torch.testing.assert_close(ours.pixel_values, ref["pixel_values"].float())
+
+
 def test_smart_resize_bounds_and_aspect():
     for hw in [(10, 2000), (3000, 4000), (37, 41), (448, 448)]:
         h, w = smart_resize(*hw, min_pixels=56 * 56, max_pixels=448 * 448)

@@ -137,3 +137,55 @@ def test_grid_mismatch_names_both_numbers(fixture_inputs):
     args["image_grid_thw"] = torch.tensor([[1, 8, 12], [1, 2, 2]])
     with pytest.raises(VisionGridError, match="2 image grids were given but the input has placeholders for 1"):
         ours(args)
+
+
+def test_position_plan_in_slices_equals_the_whole(fixture_inputs):
+    """Positions handed out a slice at a time (how prefill numbers an input of any length) equal the whole
+    input's, with left padding and cuts inside vision blocks."""
+    from infinitevl.model.rope import PositionPlan
+
+    c = CONFIG
+    for case in CASES:
+        args = model_args(fixture_inputs[case])
+        for pad in (0, 3):
+            padded = dict(args)
+            padded["input_ids"] = torch.cat([torch.zeros(1, pad, dtype=torch.long), args["input_ids"]], 1)
+            padded["attention_mask"] = torch.cat([torch.zeros(1, pad, dtype=torch.long), args["attention_mask"]], 1)
+            whole, nxt = ours(padded)
+            for size in (1, 5, 17):
+                plan = PositionPlan(
+                    padded["input_ids"],
+                    image_token_id=c.image_token_id,
+                    video_token_id=c.video_token_id,
+                    spatial_merge_size=c.vision.spatial_merge_size,
+                    tokens_per_second=c.vision.tokens_per_second,
+                    image_grid_thw=padded.get("image_grid_thw"),
+                    video_grid_thw=padded.get("video_grid_thw"),
+                    second_per_grid_ts=padded.get("second_per_grid_ts"),
+                    attention_mask=padded["attention_mask"],
+                )
+                T = padded["input_ids"].shape[1]
+                pieces = torch.cat([plan.take(size) for _ in range(0, T, size)], dim=2)
+                assert torch.equal(pieces, whole) and torch.equal(plan.next_position, nxt)
+
+
+def fp64_reference(position: int, head_dim: int, theta: float) -> torch.Tensor:
+    """cos of position * inv_freq with Python floats (fp64), from the fp32 inverse frequencies the model uses."""
+    import math
+
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    return torch.tensor([math.cos(position * float(f)) for f in inv.tolist()], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("position", [10**6, 2**24, 2**24 + 1, 2**30])
+def test_rope_angles_stay_exact_on_long_streams(position):
+    from infinitevl.model.rope import rope_cos_sin
+
+    hd, theta = 128, 1e6  # InfiniteVL-4B
+    pos = torch.full((3, 1, 1), position, dtype=torch.long)
+    cos, _ = rope_cos_sin(pos, hd, theta, [16, 24, 24], torch.float32)
+    expected = fp64_reference(position, hd, theta)
+    assert (cos[0, 0, : hd // 2].double() - expected).abs().max() < 1e-6
+    # neighbouring positions stay distinguishable
+    nxt, _ = rope_cos_sin(pos + 1, hd, theta, [16, 24, 24], torch.float32)
+    assert not torch.equal(cos, nxt)

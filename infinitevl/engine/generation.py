@@ -1,4 +1,5 @@
-"""Prefill in chunks, one-token decode steps, sampling, and generation as a token iterator.
+"""One-token decode steps, sampling, and generation as a token iterator (prefill in chunks is `prefill.py`, and is
+importable from here too).
 
 Everything works on an `InfiniteVLState`, so the cost of a decode step does not depend on how many tokens came
 before it, and a prompt of any length is processed in chunks of bounded size with results equal to one full pass.
@@ -13,8 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..state import InfiniteVLState
-
-DEFAULT_CHUNK = 2048
+from .prefill import DEFAULT_CHUNK, prefill, prefill_steps  # noqa: F401 (part of this module's API)
 
 
 @dataclass
@@ -49,66 +49,6 @@ class SamplingParams:
         if problems:
             raise ValueError("; ".join(problems))
         return self
-
-
-@torch.no_grad()
-def prefill(
-    model,
-    state: InfiniteVLState,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    *,
-    pixel_values: torch.Tensor | None = None,
-    image_grid_thw: torch.Tensor | None = None,
-    pixel_values_videos: torch.Tensor | None = None,
-    video_grid_thw: torch.Tensor | None = None,
-    second_per_grid_ts=None,
-    image_embeds: torch.Tensor | None = None,
-    video_embeds: torch.Tensor | None = None,
-    chunk_size: int = DEFAULT_CHUNK,
-    return_all_logits: bool = False,
-    position_ids: torch.Tensor | None = None,
-    next_position: torch.Tensor | None = None,
-    inputs_embeds: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Append [B, T] tokens (with their vision inputs) to the streams in `state`, `chunk_size` tokens at a time.
-
-    Vision features and RoPE positions are computed once for the whole input, so a vision block may straddle
-    chunks. Explicit `position_ids` [3, B, T] with `next_position` [B] replace the computed ones (live frames
-    placed by their timestamps), and `inputs_embeds` [B, T, d] the embedding (a vision block split between
-    calls). Returns the logits of the last position [B, vocab] (or of every position [B, T, vocab])."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 (got {chunk_size})")
-    input_ids = input_ids.to(model.device)
-    if attention_mask is not None:
-        attention_mask = attention_mask.to(model.device)
-    if inputs_embeds is None:
-        embeds = model.embed(
-            input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, image_embeds, video_embeds
-        )
-    else:
-        embeds = inputs_embeds.to(model.device)
-    if position_ids is None:
-        positions, next_position = model.rope_index(
-            input_ids, attention_mask, image_grid_thw, video_grid_thw, second_per_grid_ts, start=state.next_position
-        )
-    elif next_position is None:
-        raise ValueError("explicit position_ids need next_position too")
-    else:
-        positions = position_ids.to(model.device)
-    T = input_ids.shape[1]
-    logits = []
-    hidden = None
-    for s in range(0, T, chunk_size):
-        e = min(s + chunk_size, T)
-        mask = attention_mask[:, s:e] if attention_mask is not None else None
-        hidden, _ = model.language_model(embeds[:, s:e], positions[:, :, s:e], mask, state)
-        if return_all_logits:
-            logits.append(model.lm_head(hidden))
-    state.next_position.copy_(next_position)
-    if return_all_logits:
-        return torch.cat(logits, dim=1)
-    return model.lm_head(hidden[:, -1])
 
 
 @torch.no_grad()
@@ -218,11 +158,6 @@ class TokenGenerator:
                 yield token
         self.finish_reason = "length"
         yield from held
-
-
-def generate_tokens(model, state, first_logits, params, decode_text=None, prompt_ids=None) -> Iterator[int]:
-    """Shorthand for iterating a `TokenGenerator`."""
-    return iter(TokenGenerator(model, state, first_logits, params, decode_text, prompt_ids))
 
 
 def held_back(text: str, stops: tuple[str, ...]) -> int:

@@ -2,8 +2,9 @@
 
 The stream is one open user turn of a ChatML conversation. Live frames form video segments: each frame is one
 temporal step of 256 tokens (at 448x448) whose temporal RoPE index comes from its timestamp, t = s0 +
-floor((timestamp - first timestamp) * tokens_per_second), as Qwen2.5-VL numbers the frames of a video; a segment is
-closed by `<|vision_end|>` when other input follows. `ask` answers from a copy of the state (a branch), so the stream
+floor((timestamp - first timestamp) * tokens_per_second) in every `rope_index_mode` (`model.rope.live_frame_offset`,
+the rule training samples made of timed frames follow too); a segment is closed by `<|vision_end|>` when other input
+follows. `ask` answers from a copy of the state (a branch), so the stream
 itself is never disturbed. Media is decoded completely before the state is touched: a frame or file that fails to
 decode raises `MediaError` and leaves the session exactly as it was.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..model.rope import live_frame_offset
 from ..processing.media import MediaError
 from ..processing.processor import Processor, VisionInput
 from ..state import InfiniteVLState
@@ -128,7 +130,7 @@ class StreamSession:
         start = int(self.state.next_position[0])
         block_start = start + 1 if opening else seg.start
         first_time = timestamp if opening else seg.first_time
-        t_index = block_start + int((timestamp - first_time) * c.vision.tokens_per_second)
+        t_index = block_start + live_frame_offset(timestamp, first_time, c.vision.tokens_per_second)
         if not opening:
             t_index = max(t_index, seg.last_t)
         _, gh, gw = (int(x) for x in vision.grid_thw[0])

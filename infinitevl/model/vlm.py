@@ -19,7 +19,7 @@ from ..ops.linear import Linear
 from ..state import InfiniteVLState
 from .decoder import InfiniteVLTextModel, RMSNorm
 from .gdn import GatedDeltaNet, OutputNorm, ShortConv
-from .rope import VisionGridError, rope_index
+from .rope import PositionPlan, VisionGridError, rope_index
 from .vision import build_vision_tower, encode
 
 
@@ -169,11 +169,40 @@ class InfiniteVLForConditionalGeneration(nn.Module):
         second_per_grid_ts=None,
         start=None,
         mode: str | None = None,
+        video_timestamps=None,
     ):
         """Multimodal positions [3, B, T] and the next running index [B] (see `rope.rope_index`)."""
-        c = self.config
         return rope_index(
             input_ids,
+            **self.position_plan_args(
+                attention_mask, image_grid_thw, video_grid_thw, second_per_grid_ts, start, mode, video_timestamps
+            ),
+        )
+
+    def position_plan(
+        self,
+        input_ids,
+        attention_mask=None,
+        image_grid_thw=None,
+        video_grid_thw=None,
+        second_per_grid_ts=None,
+        start=None,
+        mode=None,
+        video_timestamps=None,
+    ) -> PositionPlan:
+        """The same positions handed out a slice at a time (`rope.PositionPlan`), for inputs of any length."""
+        return PositionPlan(
+            input_ids,
+            **self.position_plan_args(
+                attention_mask, image_grid_thw, video_grid_thw, second_per_grid_ts, start, mode, video_timestamps
+            ),
+        )
+
+    def position_plan_args(
+        self, attention_mask, image_grid_thw, video_grid_thw, second_per_grid_ts, start, mode, video_timestamps
+    ) -> dict:
+        c = self.config
+        return dict(
             image_token_id=c.image_token_id,
             video_token_id=c.video_token_id,
             spatial_merge_size=c.vision.spatial_merge_size,
@@ -181,6 +210,7 @@ class InfiniteVLForConditionalGeneration(nn.Module):
             image_grid_thw=image_grid_thw,
             video_grid_thw=video_grid_thw,
             second_per_grid_ts=second_per_grid_ts,
+            video_timestamps=video_timestamps,
             attention_mask=attention_mask,
             start=start,
             mode=mode or c.rope_index_mode,
@@ -205,6 +235,7 @@ class InfiniteVLForConditionalGeneration(nn.Module):
         image_embeds: torch.Tensor | None = None,
         video_embeds: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        video_timestamps: list | None = None,
     ) -> InfiniteVLOutput:
         """One pass over [B, T] tokens. With `state`, the tokens continue that stream (positions, windows and
         memories carry over) and the state is updated in place. Padding (attention_mask 0) is on the left."""
@@ -222,7 +253,13 @@ class InfiniteVLForConditionalGeneration(nn.Module):
                 raise ValueError("position_ids are required with inputs_embeds")
             start = state.next_position if state is not None else None
             position_ids, next_position = self.rope_index(
-                input_ids, attention_mask, image_grid_thw, video_grid_thw, second_per_grid_ts, start=start
+                input_ids,
+                attention_mask,
+                image_grid_thw,
+                video_grid_thw,
+                second_per_grid_ts,
+                start=start,
+                video_timestamps=video_timestamps,
             )
         hidden, hiddens = self.model.language_model(
             inputs_embeds, position_ids, attention_mask, state, output_hidden_states, segment_ids

@@ -208,8 +208,8 @@ class _ChunkTerms:
     """Everything about a run of equal-length chunks that does not depend on the carried state.
 
     Tensors are [n, B*H, C, ...]. For batch 1, q and v stay strided views of the caller's tensors (no copy); k is
-    copied once because it is normalised and read many times. `q_factor` holds the per-row normalisation and scale
-    that is applied to q on the fly.
+    copied once because it is normalised in place and read many times. `q_factor` holds the per-row normalisation
+    and scale that is applied to q on the fly. Nothing is ever written into the caller's tensors.
     """
 
     def __init__(self, q, k, v, g, beta, n, scale, use_qk_l2norm, inplace, acc):
@@ -217,10 +217,15 @@ class _ChunkTerms:
         C = q.shape[1] // n
 
         def chunks(x: torch.Tensor, copy: bool) -> torch.Tensor:
-            x = x.reshape(B, n, C, H, *x.shape[3:]).permute(1, 0, 3, 2, *range(4, x.dim() + 1))
+            rest = x.shape[3:]
+            x = x.reshape(B, n, C, H, *rest).permute(1, 0, 3, 2, *range(4, x.dim() + 1))  # [n, B, H, C, ...]
             if B == 1 and not copy:
-                return x.to(acc).reshape(n, H, C, *x.shape[4:])  # a view: B = 1 merges without a copy
-            return x.to(acc).contiguous().view(n, B * H, C, *x.shape[4:])
+                return x.to(acc).reshape(n, H, C, *rest)  # a view: B = 1 merges without a copy
+            # always a new tensor: `.contiguous()` would return the caller's own memory whenever the permutation is
+            # trivial (one head and batch 1, or chunks of length 1), and k is normalised in place below
+            out = torch.empty(n, B * H, C, *rest, dtype=acc, device=x.device)
+            out.view(n, B, H, C, *rest).copy_(x)
+            return out
 
         self.q = chunks(q, copy=False)
         self.v = chunks(v, copy=False)

@@ -7,11 +7,10 @@ any model state is touched. No torchvision, no OpenCV.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -142,7 +141,3 @@ def iter_video(path: str | Path, fps: float, max_frames: int | None = None) -> I
         raise
     except Exception as err:
         raise MediaError(f"{path}: cannot decode video ({err})") from err
-
-
-def as_array(frames: Iterable[Image.Image]) -> np.ndarray:
-    return np.stack([np.asarray(f, dtype=np.uint8) for f in frames])

@@ -10,7 +10,6 @@ in the rendered chat are expanded to one token per merged 28x28 patch.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ class VisionInput:
     grid_thw: torch.Tensor  # [1, 3]
     second_per_grid: float | None = None  # videos: seconds between temporal grid steps
     timestamps: list[float] = field(default_factory=list)  # videos: time of the first frame of each grid step
+    live: bool = False  # live frames: temporal positions come from `timestamps` (see `model.rope`), in any mode
 
     @property
     def num_tokens(self) -> int:
@@ -60,27 +60,22 @@ class Prompt:
         if self.videos:
             out["pixel_values_videos"] = torch.cat([v.pixel_values for v in self.videos])
             out["video_grid_thw"] = torch.cat([v.grid_thw for v in self.videos])
-            out["second_per_grid_ts"] = torch.tensor([v.second_per_grid for v in self.videos])
+            out["second_per_grid_ts"] = torch.tensor([v.second_per_grid or 1.0 for v in self.videos])
+            if any(v.live for v in self.videos):
+                out["video_timestamps"] = [v.timestamps if v.live else None for v in self.videos]
         return out
 
 
 def smart_resize(
     height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280
 ) -> tuple[int, int]:
-    """Qwen2-VL's rule: sides multiples of `factor`, area within [min_pixels, max_pixels], aspect kept."""
-    if max(height, width) / min(height, width) > 200:
-        raise MediaError(f"aspect ratio of {width}x{height} exceeds 200")
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * beta / factor) * factor
-        w = math.ceil(width * beta / factor) * factor
-    return h, w
+    """Qwen2-VL's rule (transformers' own function): sides multiples of `factor`, area within [min_pixels,
+    max_pixels], aspect kept; an aspect ratio over 200 is a `MediaError`."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as qwen2_vl_smart_resize
+
+    if min(height, width) < 1 or max(height, width) / min(height, width) > 200:
+        raise MediaError(f"aspect ratio of {width}x{height} exceeds 200 (the vision tower's limit)")
+    return qwen2_vl_smart_resize(height, width, factor, min_pixels, max_pixels)
 
 
 class Processor:
@@ -177,7 +172,7 @@ class Processor:
         if h % self.factor or w % self.factor:
             raise MediaError(f"frame size {h}x{w} is not a multiple of {self.factor}")
         pixels, grid = self._patches(frame, h, w)
-        return VisionInput("video", pixels, grid, second_per_grid=None, timestamps=[timestamp])
+        return VisionInput("video", pixels, grid, second_per_grid=None, timestamps=[timestamp], live=True)
 
     def encode_frames(
         self,
@@ -215,7 +210,8 @@ class Processor:
         timestamps: Sequence[float] | None = None,
     ) -> VisionInput:
         """Live frames as one video block: one frame per temporal step (the frame fills both slots), exactly what a
-        session builds from `append_frame` calls `interval` seconds apart (vision features and positions alike)."""
+        session builds from `append_frame` calls `interval` seconds apart (vision features and positions alike:
+        both place frames by their timestamps, `model.rope.live_frame_offsets`)."""
         if not frames:
             raise MediaError("a stream needs at least one frame")
         rows = []
@@ -232,7 +228,7 @@ class Processor:
         h, w = size or self.frame_size(load_image(frames[0]), VIDEO_MAX_PIXELS)
         stamps = list(timestamps) if timestamps is not None else [i * interval for i in range(len(frames))]
         grid = torch.tensor([[len(frames), h // 14, w // 14]])
-        return VisionInput("video", torch.cat(rows), grid, second_per_grid=interval, timestamps=stamps)
+        return VisionInput("video", torch.cat(rows), grid, second_per_grid=interval, timestamps=stamps, live=True)
 
     def encode_video(
         self,

@@ -43,6 +43,7 @@ from .schemas import (
 )
 from .security import APIKeyMiddleware, BodyLimitMiddleware
 from .sessions import SessionRegistry
+from .webpage import mount_page
 
 log = logging.getLogger("infinitevl.serving")
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 500)}
@@ -105,6 +106,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
     _openai_routes(app, ctx)
     _session_routes(app, ctx)
+    mount_page(app)
     return app
 
 

@@ -1,9 +1,10 @@
 """Gates in front of every route, as plain ASGI middleware: the bearer API key and the request body size limit.
 
-Both answer in the OpenAI error shape before any route runs. `/health` and the API documentation (`/docs`,
-`/openapi.json`) stay open; every other path needs the key when one is set. The body limit buffers the body
-(never more than the limit) and replays it to the app. A refused request's body is read to its end first (up to a
-bound) so that the client gets the 401 / 413 answer instead of a connection reset while it is still sending.
+Both answer in the OpenAI error shape before any route runs. `/health`, the API documentation (`/docs`,
+`/openapi.json`) and the live-session page's files (`/`, `/web/...`) stay open; every other path needs the key
+when one is set. The body limit buffers the body (never more than the limit) and replays it to the app. A refused
+request's body is read to its end first (up to a bound) so that the client gets the 401 / 413 answer instead of a
+connection reset while it is still sending.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import APIError
 
 DRAIN_LIMIT = 64 * 2**20  # read at most this much of a refused body before answering
-OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/"})
+OPEN_PREFIXES = ("/web/",)  # the live-session page's static files (webpage.py): they hold no data
 
 
 async def send_error(send: Send, err: APIError) -> None:
@@ -43,7 +45,7 @@ class APIKeyMiddleware:
         self.key = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES):
             return await self.app(scope, receive, send)
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")

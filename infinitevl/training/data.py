@@ -234,7 +234,8 @@ class TokenDataset(torch.utils.data.Dataset):
             tokens_per_second=c.vision.tokens_per_second,
             image_grid_thw=torch.cat([v.grid_thw for v in sample.images]) if sample.images else None,
             video_grid_thw=torch.cat([v.grid_thw for v in sample.videos]) if sample.videos else None,
-            second_per_grid_ts=[v.second_per_grid for v in sample.videos] or None,
+            second_per_grid_ts=[v.second_per_grid or 1.0 for v in sample.videos] or None,
+            video_timestamps=[v.timestamps if v.live else None for v in sample.videos] or None,
             mode=c.rope_index_mode,
         )
         sample.position_ids = pos[:, 0]
