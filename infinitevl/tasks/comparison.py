@@ -328,9 +328,12 @@ def plot(summary: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     has_copy = any("copy" in s for s in summary.values())
     has_recall = any("by_distance" in s for s in summary.values())
-    panels = 3 * has_recall + 2 * has_copy
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
-    axes = list(axes) if panels > 1 else [axes]
+    rows = has_recall + has_copy  # a row per task: recall (3 panels) above read-back (2 panels)
+    fig, grid = plt.subplots(rows, 3, figsize=(15, 4 * rows), squeeze=False)
+    axes = list(grid[0]) if has_recall else []
+    if has_copy:
+        axes += list(grid[-1][:2])
+        grid[-1][2].axis("off")
     for name, s in summary.items():
         ax = iter(axes)
         if has_recall and "by_distance" in s:

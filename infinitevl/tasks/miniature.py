@@ -429,6 +429,8 @@ def run(
     tasks = tuple(t for t in TASKS if t in tasks)
     if not tasks:
         raise ValueError(f"no task to run (choose among {', '.join(TASKS)})")
+    if readme is not None and "<!-- miniature:start -->" not in (readme.read_text() if readme.exists() else ""):
+        raise ValueError(f"{readme}: no README with a <!-- miniature:start --> ... <!-- miniature:end --> block")
     budget = budget or Budget()
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
