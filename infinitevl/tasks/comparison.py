@@ -311,9 +311,13 @@ def markdown(summary: dict, meta: dict) -> str:
             "",
         ]
         lines += copy_lines + [""]
+    took = (
+        f"this run resumed an interrupted one, reusing its finished stages, and took {meta['minutes']:.0f} min"
+        if meta.get("resumed")
+        else f"training and evaluation {meta['minutes']:.0f} min in all"
+    )
     lines.append(
-        f"Command: `{meta['command']}`; {meta['date']}; {meta['machine']}; training and evaluation "
-        f"{meta['minutes']:.0f} min in all. Accuracy is exact match of the answer: chance is 0.10 for a recalled "
+        f"Command: `{meta['command']}`; {meta['date']}; {meta['machine']}; {took}. Accuracy is exact match of the answer: chance is 0.10 for a recalled "
         "digit and 10^-n for a read-back of n digits."
     )
     return "\n".join(lines)

@@ -176,6 +176,10 @@ def run_stage(
     from ..training.config import load_config
     from ..training.loop import Trainer
 
+    result = out / ("adapters" if stage == "sft-long" else "final")
+    done = out / "DONE"
+    if done.exists() and json.loads(done.read_text()).get("steps") == steps:  # an interrupted run resumes here
+        return result
     overrides = {
         "data.train": data / "train.jsonl",
         "data.eval": data / "eval.jsonl",
@@ -200,8 +204,10 @@ def run_stage(
     trainer = Trainer(cfg)
     t0 = time.perf_counter()
     last = trainer.fit()
-    log(f"{stage} -> {out.name}: {steps} steps in {time.perf_counter() - t0:.0f} s, loss {last.get('loss', 0):.4f}")
-    return trainer.out / ("adapters" if stage == "sft-long" else "final")
+    seconds = time.perf_counter() - t0
+    log(f"{stage} -> {out.name}: {steps} steps in {seconds:.0f} s, loss {last.get('loss', 0):.4f}")
+    done.write_text(json.dumps({"steps": steps, "seconds": round(seconds), "loss": last.get("loss")}))
+    return result
 
 
 @torch.no_grad()
@@ -436,6 +442,7 @@ def run(
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     media = media if media is not None and media.exists() else None
+    resumed = (root / "teacher" / "DONE").exists()  # finished stages of an interrupted run are reused
     data = datasets(root, budget, media, tasks)
     log(f"data ready ({time.perf_counter() - t0:.0f} s)")
     teacher = train_teacher(root, budget, data, media, tasks)
@@ -467,6 +474,7 @@ def run(
         "date": time.strftime("%Y-%m-%d"),
         "minutes": (time.perf_counter() - t0) / 60,
         "train_minutes": train_minutes,
+        "resumed": resumed,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "budget": asdict(budget),
         "tasks": list(tasks),
