@@ -12,13 +12,18 @@ from pathlib import Path
 import torch
 
 BUNDLED = Path(__file__).parent / "assets" / "default-model"
+BUNDLED_SWA_ONLY = Path(__file__).parent / "assets" / "swa-only-model"  # the demo's contrast: the window alone
 UNTRAINED_NOTE = "infinitevl_untrained"
 NOTE_KEY = "infinitevl_note"  # config.json: what a model was trained for, said once to whoever uses it
 BUNDLED_NOTE = (
-    "the bundled model (4.5 MB) was trained by `infinitevl miniature` for one task only: reading handwritten digits "
-    "and tag letters from small frames of a stream and answering which digit was last shown with a tag. It has no "
-    "general knowledge and gives empty or meaningless answers to other prompts. Run a real checkpoint with --model "
-    "PATH (e.g. a download of hustvl/InfiniteVL)."
+    "the bundled model (4.6 MB) was trained by `infinitevl miniature` for two tasks only, on streams of small frames "
+    "of handwritten digits with tag letters: which digit was last shown with a tag, and reading back every digit of "
+    "the last 1-4 frames. It answers any other prompt with one fixed reply and has no general knowledge. Run a real "
+    "checkpoint with --model PATH (e.g. a download of hustvl/InfiniteVL)."
+)
+SWA_ONLY_NOTE = (
+    "the SWA-only model of `infinitevl miniature` (every layer sliding-window attention, 32 tokens), shipped as the "
+    "demo's contrast: it was trained on the same two digit tasks as the bundled model and sees only its window."
 )
 UNTRAINED_TEXT = (
     "this model has random, untrained weights (a stand-in until a trained model is given with --model); its answers "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -251,3 +252,21 @@ def test_without_model_the_bundled_trained_model_runs(tmp_path):
     assert "untrained" not in proc.stderr
     assert proc.stderr.count("note: the bundled model") == 1 and "--model" in proc.stderr  # what it can and cannot do
     assert not (tmp_path / "untrained-tiny").exists()  # the stand-in is only built when no model ships
+
+
+def test_demo_checks_every_answer_and_asks_the_window_alone_too(tmp_path):
+    """`make demo` at a small size: the bundled model's answers beside the truth, the same questions put to the
+    shipped SWA-only model, one processing rate, and exact read-backs of the last frames."""
+    proc = run("demo", "--frames", "64", "--no-progress", env_cache=tmp_path)
+    assert "1 frame/s in stream time" in proc.stderr
+    pattern = re.compile(r"answer '(\d*)'\s+truth (\d)\s+(correct|WRONG)\s+SWA-only: '(.*?)'\s+(correct|WRONG)")
+    answers = [pattern.search(line) for line in proc.stdout.splitlines() if line.startswith("  tag ")]
+    assert len(answers) >= 5 and all(answers)
+    for m in answers:  # every verdict follows from the answer and the truth printed beside it
+        assert (m[3] == "correct") == (m[1] == m[2]) and (m[5] == "correct") == (m[4] == m[2])
+    hits, total = (int(x) for x in re.search(r"^(\d+)/(\d+) correct; 64 frames in ", proc.stdout, re.M).groups())
+    assert total == len(answers) and hits == sum(m[3] == "correct" for m in answers)
+    assert re.search(r"frames/s of processing\)", proc.stdout) and proc.stdout.count("frames/s") == 1
+    assert re.search(rf"^SWA-only: {sum(m[5] == 'correct' for m in answers)}/{total} correct", proc.stdout, re.M)
+    reads = [line for line in proc.stdout.splitlines() if line.lstrip().startswith("Read the last")]
+    assert len(reads) == 4 and re.search(r"^\d/4 read back exactly", proc.stdout, re.M)

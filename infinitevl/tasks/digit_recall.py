@@ -38,6 +38,10 @@ class Frame:
     tag: str
     image: Image.Image
 
+    @property
+    def digits(self) -> list[int]:  # every digit shown, in reading order (here the only one)
+        return [self.digit]
+
 
 @dataclass
 class Stream:
@@ -91,20 +95,30 @@ class FrameMaker:
 
     def frame(self, digit: int, tag: str) -> Frame:
         """The digit scan in the left half, the tag in the right half: one merged 28x28 token holds both."""
+        return Frame(digit, tag, self.render([digit], tag, rows=1, cols=1))
+
+    def render(self, digits: list[int], tag: str, rows: int, cols: int) -> Image.Image:
+        """A (rows x 28) x (cols x 28) frame on one dimmed photograph crop: one digit scan per 28x28 cell (one
+        merged token each), in reading order, in the cell's left half; the tag in the first cell's right half."""
         rng = self.rng
-        choices = np.flatnonzero(self.targets == digit)
-        scan = self.images[choices[rng.randrange(len(choices))]]
+        scans = []
+        for digit in digits:
+            choices = np.flatnonzero(self.targets == digit)
+            scans.append(self.images[choices[rng.randrange(len(choices))]])
+        height, width = rows * FRAME, cols * FRAME
         photo = self.photos[rng.randrange(len(self.photos))]
         scale = rng.uniform(0.15, 0.4)
-        w, h = max(FRAME, int(photo.width * scale)), max(FRAME, int(photo.height * scale))
+        w, h = max(width, int(photo.width * scale)), max(height, int(photo.height * scale))
         bg = photo.resize((w, h), Image.Resampling.BILINEAR)
-        x, y = rng.randrange(w - FRAME + 1), rng.randrange(h - FRAME + 1)
-        frame = Image.eval(bg.crop((x, y, x + FRAME, y + FRAME)), lambda v: v // 3)  # dimmed photograph
-        glyph = Image.fromarray((scan / 16 * 255).astype(np.uint8)).resize((14, 14), Image.Resampling.BILINEAR)
-        frame.paste((255, 255, 255), (rng.randint(0, 1), rng.randint(5, 13)), glyph)
+        x, y = rng.randrange(w - width + 1), rng.randrange(h - height + 1)
+        frame = Image.eval(bg.crop((x, y, x + width, y + height)), lambda v: v // 3)  # dimmed photograph
+        for k, scan in enumerate(scans):
+            top, left = FRAME * (k // cols), FRAME * (k % cols)
+            glyph = Image.fromarray((scan / 16 * 255).astype(np.uint8)).resize((14, 14), Image.Resampling.BILINEAR)
+            frame.paste((255, 255, 255), (left + rng.randint(0, 1), top + rng.randint(5, 13)), glyph)
         draw = ImageDraw.Draw(frame)
         draw.text((rng.randint(15, 17), rng.randint(3, 9)), tag, font=self.font, fill=(255, 215, 0))
-        return Frame(digit, tag, frame)
+        return frame
 
     def stream(self, n_frames: int, distance: int) -> Stream:
         """`n_frames` frames; the asked tag's last appearance is `distance` frames from the end."""
@@ -125,6 +139,31 @@ def stream_frames(stream: Stream) -> list[tuple[Image.Image, float]]:
     return [(f.image, i * INTERVAL) for i, f in enumerate(stream.frames)]
 
 
+def write_bank(maker: FrameMaker, out: Path, split: str, per_tag: int, make) -> dict[str, list[tuple[str, list]]]:
+    """Render `per_tag` frames for every tag with `make(tag)` into `out/<split>-frames/`; returns
+    {tag: [(path relative to out, the frame's digits), ...]}: streams are drawn from this bank."""
+    bank_dir = out / f"{split}-frames"
+    bank_dir.mkdir(parents=True, exist_ok=True)
+    bank: dict[str, list[tuple[str, list]]] = {}
+    for tag in TAGS:
+        for k in range(per_tag):
+            f = make(tag)
+            rel = f"{bank_dir.name}/{tag}{k:04d}.png"
+            f.image.save(out / rel)
+            bank.setdefault(tag, []).append((rel, f.digits))
+    return bank
+
+
+def recall_tags(rng: random.Random, n: int) -> tuple[list[str], str, int]:
+    """The tags of an `n`-frame training stream and its first question: (tags, asked tag, distance), the distance
+    uniform over the stream and the asked tag absent after its answering frame."""
+    distance = rng.randrange(n)
+    tag = rng.choice(TAGS)
+    others = [t for t in TAGS if t != tag]
+    answer_at = n - 1 - distance
+    return [tag if i == answer_at else rng.choice(TAGS if i < answer_at else others) for i in range(n)], tag, distance
+
+
 def write_dataset(
     out: str | Path,
     n_streams: int,
@@ -143,24 +182,12 @@ def write_dataset(
     asks instead for every frame's digit and tag in order: the reading warm-up of the teacher."""
     out = Path(out)
     maker = FrameMaker(split, seed, media)
-    bank_dir = out / f"{split}-frames"
-    bank_dir.mkdir(parents=True, exist_ok=True)
-    bank: dict[str, list[tuple[str, int]]] = {}
-    for tag in TAGS:
-        for k in range(bank_per_tag):
-            f = maker.frame(maker.rng.randrange(10), tag)
-            rel = f"{bank_dir.name}/{tag}{k:04d}.png"
-            f.image.save(out / rel)
-            bank.setdefault(tag, []).append((rel, f.digit))
+    bank = write_bank(maker, out, split, bank_per_tag, lambda tag: maker.frame(maker.rng.randrange(10), tag))
     rng = random.Random(f"streams-{split}-{seed}")
     lines = []
     for _ in range(n_streams):
         n = rng.randint(*frames)
-        distance = rng.randrange(n)
-        tag = rng.choice(TAGS)
-        others = [t for t in TAGS if t != tag]
-        answer_at = n - 1 - distance
-        tags = [tag if i == answer_at else rng.choice(TAGS if i < answer_at else others) for i in range(n)]
+        tags, tag, distance = recall_tags(rng, n)
         picks = [rng.choice(bank[t]) for t in tags]
         last = {t: i for i, t in enumerate(tags)}
         asked = [tag] + rng.sample([t for t in last if t != tag], min(questions - 1, len(last) - 1))
@@ -169,12 +196,12 @@ def write_dataset(
             asked = []
             messages = [
                 {"role": "user", "content": "<video>" + CAPTION},
-                {"role": "assistant", "content": caption([(t, d) for (_, d), t in zip(picks, tags)])},
+                {"role": "assistant", "content": caption([(t, d[0]) for (_, d), t in zip(picks, tags)])},
             ]
         for k, t in enumerate(asked):
             messages += [
                 {"role": "user", "content": ("<video>" if k == 0 else "") + QUESTION.format(tag=t)},
-                {"role": "assistant", "content": str(picks[last[t]][1])},
+                {"role": "assistant", "content": str(picks[last[t]][1][0])},
             ]
         lines.append(
             json.dumps(
@@ -196,18 +223,29 @@ def write_dataset(
     return path
 
 
-def probe_stream(maker: FrameMaker, length: int, distances: list[int], rng: random.Random) -> tuple[Stream, dict]:
-    """A held-out stream in which some tags ("probes") last appear exactly `distances` frames before the end and
-    the remaining tags fill everything else; returns the stream and {tag: (digit, distance)} for every tag that
-    appears (the probes and the recent ones)."""
+def probe_tags(length: int, distances: list[int], rng: random.Random) -> tuple[list[str], list[str]]:
+    """The tags of a held-out stream in which some tags ("probes") last appear exactly `distances` frames before
+    the end and the remaining tags fill everything else: (tags, probes)."""
     probes = rng.sample(TAGS, len(distances))
     fillers = [t for t in TAGS if t not in probes]
     tags = [rng.choice(fillers) for _ in range(length)]
     for tag, d in zip(probes, distances):
         tags[length - 1 - d] = tag
+    return tags, probes
+
+
+def last_shown(frames: list[Frame]) -> dict[str, tuple[int, int]]:
+    """{tag: (digit, distance)} for every tag in a stream: the digit of its last frame and how far back it lies."""
+    last = {f.tag: i for i, f in enumerate(frames)}
+    return {t: (frames[i].digit, len(frames) - 1 - i) for t, i in last.items()}
+
+
+def probe_stream(maker: FrameMaker, length: int, distances: list[int], rng: random.Random) -> tuple[Stream, dict]:
+    """A held-out stream laid out by `probe_tags`; returns the stream and {tag: (digit, distance)} for every tag
+    that appears (the probes and the recent ones)."""
+    tags, probes = probe_tags(length, distances, rng)
     frames = [maker.frame(maker.rng.randrange(10), t) for t in tags]
-    last = {t: i for i, t in enumerate(tags)}
-    truth = {t: (frames[i].digit, length - 1 - i) for t, i in last.items()}
+    truth = last_shown(frames)
     first = probes[0]
     return Stream(frames, first, str(truth[first][0]), truth[first][1]), truth
 
