@@ -4,8 +4,8 @@ Per Gated DeltaNet layer: the conv tails of q, k and v (the last K - 1 pre-conv 
 [B, H, Dk, Dv], always fp32. Per sliding-window layer: a ring buffer of the last W - 1 rotated keys and values with
 their stream positions (-1 = empty). Per stream: the running RoPE index (`next_position`) and the number of tokens
 seen (`num_tokens`, which is also the stream position of the next token). Both are [B] int64 tensors that the model
-updates in place, one entry per stream; `tokens_seen` is the count of a one-stream state as a plain int. Nothing here grows with the input; the
-byte size is fixed at allocation (`nbytes`). Full-attention layers (teacher-style models only) get a cache of a
+updates in place, one entry per stream; `tokens_seen` is the count of a one-stream state as a plain int. Nothing here
+grows with the input; the byte size is fixed at allocation (`nbytes`). Full-attention layers (teacher-style models only) get a cache of a
 fixed `max_context` and refuse to go past it. A saved state carries a SHA-256 of its tensors; loading a file whose
 tensors do not match it (a damaged file) raises `StateError`.
 
