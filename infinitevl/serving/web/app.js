@@ -607,7 +607,7 @@ async function poll() {
 async function start() {
   try {
     const health = await api.json("GET", "/health");
-    const kinds = { untrained: " (untrained: its answers are meaningless)", task: " (trained for one task only)" };
+    const kinds = { untrained: " (untrained: its answers are meaningless)", task: " (trained for its task only)" };
     $("server").textContent = `Model ${health.model}${kinds[health.model_kind] || ""}, at ${location.host}`;
     $("server").title = health.note || "";
   } catch (err) {
