@@ -233,7 +233,8 @@ def test_stream_a_video_and_a_frame_folder_then_inspect_the_state(model_dir, tmp
     info = json.loads(run("state", snap, "--json").stdout)  # plain JSON: numbers and objects, no JSON in strings
     assert info["tokens"][0] > 6 * 16 and info["counters"]["frames"] == 6
     assert info["segment"]["first_time"] == 0.0 and info["segment"]["last_time"] == pytest.approx(2.5, abs=0.05)
-    assert info["extra"] == {}
+    assert info["extra"] == {} and info["checksum"].startswith("sha256:")
+    assert f"checksum {info['checksum']} (verified)" in text
 
 
 def test_errors_are_one_line_unless_debug(model_dir, tmp_path):

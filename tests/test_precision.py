@@ -111,9 +111,11 @@ def held_out_stream():
     return processor.prompt(messages, add_generation_prompt=False).model_inputs()
 
 
-# Per-token KL(fp32 || mode) on that stream (153 tokens), measured: bf16 2.0e-5, int8 4.1e-5, int4 (groups of 128)
-# 1.9e-4; top-1 agreement 0.95-0.96 in all three (the disagreements are near-ties on vision placeholder positions).
-BUNDLED_KL = {"bfloat16": 2e-4, "int8": 4e-4, "int4": 2e-3}
+# Per-token KL(fp32 || mode) on that stream (153 tokens), measured with the bundled model of 2026-12-01: bf16 1.1e-4,
+# int8 1.6e-4, int4 (groups of 128) 1.6e-3. Top-1 agreement where the next token is text (33 positions): bf16 33/33,
+# int8 and int4 32/33. Where the next token is a video placeholder (120 positions, which the model never learned to
+# predict: its choices there are near-ties) agreement is only 0.79-0.83, so those positions are left out of it.
+BUNDLED_KL = {"bfloat16": 4e-4, "int8": 6e-4, "int4": 4e-3}
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -121,11 +123,14 @@ def test_bundled_model_agrees_with_fp32(mode, held_out_stream):
     folder = default_model_folder()
     kw = {**MODES[mode], "group_size": None} if mode == "int4" else MODES[mode]
     with torch.no_grad():
-        ref = Model.from_pretrained(folder)(**held_out_stream).logits[0].float().log_softmax(-1)
+        model = Model.from_pretrained(folder)
+        ref = model(**held_out_stream).logits[0].float().log_softmax(-1)
         got = Model.from_pretrained(folder, **kw)(**held_out_stream).logits[0].float().log_softmax(-1)
     kl = (ref.exp() * (ref - got)).sum(-1).mean().item()
-    top1 = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
-    assert kl < BUNDLED_KL[mode] and top1 > 0.9, f"{mode}: KL {kl:.2e}, top-1 {top1:.3f}"
+    ids = held_out_stream["input_ids"][0]
+    predicts_text = torch.cat([ids[1:] != model.config.video_token_id, torch.tensor([True])])
+    top1 = (ref.argmax(-1) == got.argmax(-1))[predicts_text].float().mean().item()
+    assert kl < BUNDLED_KL[mode] and top1 > 0.95, f"{mode}: KL {kl:.2e}, top-1 where text follows {top1:.3f}"
     assert ref[-2].argmax() == got[-2].argmax()  # the answer itself
 
 

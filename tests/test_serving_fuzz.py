@@ -143,7 +143,9 @@ def test_malformed_requests_never_get_a_5xx(server):
                 assert set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
 
         check()
-        assert len(seen) > 3 and sum(n for s, n in seen.items() if s >= 400) > 100, seen
+        # the draws reached both answers and several kinds of refusal (which kinds varies from run to run)
+        assert any(s < 300 for s in seen) and len([s for s in seen if s >= 400]) >= 2, seen
+        assert sum(n for s, n in seen.items() if s >= 400) > 100, seen
         health = http.get("/health").json()
         assert health["status"] == "ok" and health["queued"] == 0 and health["active"] == 0
         r = http.post("/v1/chat/completions", json=VALID[("POST", "/v1/chat/completions")])

@@ -57,7 +57,8 @@ def describe(path) -> dict:
         else:
             entry.update(memory=list(layer.memory.shape))
         layers.append(entry)
-    extra = {k: v for k, v in meta.items() if k not in ("format", "fingerprint", "windows", "segment", "counters")}
+    known = ("format", "fingerprint", "windows", "segment", "counters", "checksum")
+    extra = {k: v for k, v in meta.items() if k not in known}
     return {
         "path": str(path),
         "format": meta.get("format"),
@@ -66,6 +67,7 @@ def describe(path) -> dict:
         "next_position": state.next_position.tolist(),
         "dtype": str(state.dtype).replace("torch.", ""),
         "bytes": state.nbytes,
+        "checksum": meta.get("checksum"),  # verified on loading: a damaged file never gets this far
         "model": state.fingerprint,
         "layers": layers,
         "segment": _segment(meta.get("segment", "")),
@@ -90,6 +92,8 @@ def run(args) -> int:
     streams = "" if info["batch_size"] == 1 else f"{info['batch_size']} streams, "
     print(f"  {streams}tokens seen {_one(info['tokens'])}, next RoPE index {_one(info['next_position'])}")
     print(f"  state {mb(info['bytes'])} ({info['bytes']} bytes), dtype {info['dtype']} (GDN memory fp32)")
+    if info["checksum"]:
+        print(f"  checksum {info['checksum']} (verified)")
     print(
         f"  model: {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, window {m['sliding_window']}, "
         f"vocab {m['vocab_size']}"
