@@ -865,12 +865,12 @@ def quality_md(record: dict) -> str:
                 f"{a['kl_mean']:.2e}",
                 f"{a['kl_p99']:.2e}",
                 f"{a['top1_agreement']:.3f}",
+                f"{a['top1_text_next']:.3f} ({a['text_next_tokens']})" if "top1_text_next" in a else "-",
                 a["tokens"],
             ]
         )
-    text = f"Model: `{r['model']}`.\n\n" + _table(
-        ["mode", "demo questions right", "KL mean", "KL p99", "top-1 agreement", "tokens"], rows
-    )
+    head = ["mode", "demo questions right", "KL mean", "KL p99", "top-1 agreement", "top-1 where text follows"]
+    text = f"Model: `{r['model']}`.\n\n" + _table(head + ["tokens"], rows)
     if r.get("fixture"):
         cases = [row["case"] for row in next(iter(r["fixture"].values()))]
         frows = [
