@@ -36,6 +36,23 @@ DATA = MEDIA / "mllm_demo" / "mllm_demo_data"
 RUNNING = re.compile(r"Uvicorn running on (http://[0-9.]+:[0-9]+)")
 
 
+def serve_process(args: list[str], timeout: float = 90) -> tuple[subprocess.Popen, str, list[str]]:
+    """`infinitevl serve --port 0 ARGS` in its own process: the process, its URL and its stderr lines (a list that
+    keeps growing while it runs)."""
+    cmd = [str(Path(sys.executable).with_name("infinitevl")), "serve", "--port", "0", *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not (url := next((m[1] for m in map(RUNNING.search, lines) if m), None)):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("the server did not start:\n" + "".join(lines))
+        time.sleep(0.05)
+    return proc, url, lines
+
+
 def varied_model(folder: Path) -> Path:
     """The untrained stand-in with larger random weights: the stand-in's own small initialisation gives nearly the
     same greedy answer (mostly empty special tokens) to every prompt, which would make equality checks weak."""
@@ -256,32 +273,10 @@ def test_a_client_that_disconnects_stops_its_generation(server, no_eos):
 def test_the_serve_command(model_dir, tmp_path):
     """`infinitevl serve` in a subprocess: says the model is untrained, serves with a key, and saves its sessions
     when interrupted, for the next server to find."""
-    exe = Path(sys.executable).with_name("infinitevl")
     state_dir = tmp_path / "state"
-    cmd = [
-        str(exe),
-        "serve",
-        "--model",
-        str(model_dir),
-        "--port",
-        "0",
-        "--api-key",
-        "k1",
-        "--state-dir",
-        str(state_dir),
-        "--log-level",
-        "info",
-    ]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-    )
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+    args = ["--model", str(model_dir), "--api-key", "k1", "--state-dir", str(state_dir), "--log-level", "info"]
+    proc, url, lines = serve_process(args, timeout=60)
     try:
-        deadline = time.monotonic() + 60
-        while not (url := next((m[1] for m in map(RUNNING.search, lines) if m), None)):
-            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
-            time.sleep(0.05)
         assert any("untrained" in line for line in lines)
         client = openai.OpenAI(base_url=url + "/v1", api_key="k1", max_retries=0)
         reply = client.chat.completions.create(

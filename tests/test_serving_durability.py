@@ -7,12 +7,10 @@ dropped; restoring a snapshot brings a damaged session back."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import signal
 import struct
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from safetensors.torch import load_file
-from test_serving import DATA, varied_model
+from test_serving import DATA, serve_process, varied_model
 from test_serving_sessions import frame_item, jpeg
 
 from infinitevl.engine.generation import SamplingParams
@@ -28,7 +26,6 @@ from infinitevl.engine.runtime import InfiniteVL
 from infinitevl.processing.media import iter_video, load_image, read_video
 from infinitevl.serving import BackgroundServer, ServerConfig, create_app
 
-RUNNING = re.compile(r"Uvicorn running on (http://[0-9.]+:[0-9]+)")
 ANSWER = SamplingParams(max_new_tokens=8)
 QUESTION = {"question": "What did you see?", "max_tokens": 8}
 
@@ -44,15 +41,8 @@ def engine(model_dir) -> InfiniteVL:
 
 
 def serve(model_dir: Path, state_dir: Path, durability: str) -> tuple[subprocess.Popen, str]:
-    cmd = [str(Path(sys.executable).with_name("infinitevl")), "serve", "--model", str(model_dir), "--port", "0"]
-    cmd += ["--state-dir", str(state_dir), "--durability", durability, "--media-root", str(DATA)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
-    deadline = time.monotonic() + 90
-    while not (url := next((m[1] for m in map(RUNNING.search, lines) if m), None)):
-        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
-        time.sleep(0.05)
+    args = ["--model", str(model_dir), "--state-dir", str(state_dir), "--durability", durability]
+    proc, url, _ = serve_process([*args, "--media-root", str(DATA)])
     return proc, url
 
 

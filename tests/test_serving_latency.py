@@ -9,16 +9,13 @@ from __future__ import annotations
 import re
 import signal
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
-from test_serving import DATA, RUNNING
+from test_serving import DATA, serve_process
 
 from infinitevl.config import InfiniteVLConfig
 from infinitevl.defaults import BUNDLED
@@ -38,16 +35,8 @@ class Server:
 def server():
     """`infinitevl serve` of the bundled model in its own process (the client's threads here must not compete with
     it for the GIL)."""
-    cmd = [str(Path(sys.executable).with_name("infinitevl")), "serve", "--port", "0"]
-    cmd += ["--served-model-name", "tiny", "--media-root", str(DATA), "--max-batch", "4"]
-    cmd += ["--max-request-tokens", "16384", "--log-level", "info"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
-    deadline = time.monotonic() + 90
-    while not (url := next((m[1] for m in map(RUNNING.search, lines) if m), None)):
-        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
-        time.sleep(0.05)
+    args = ["--served-model-name", "tiny", "--media-root", str(DATA), "--max-batch", "4"]
+    proc, url, _ = serve_process([*args, "--max-request-tokens", "16384", "--log-level", "info"])
     yield Server(url)
     proc.send_signal(signal.SIGTERM)
     proc.wait(60)
