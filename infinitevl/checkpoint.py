@@ -13,7 +13,9 @@ import functools
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -25,6 +27,7 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 LM_HEAD = "lm_head.weight"
 EMBED = "model.language_model.embed_tokens.weight"
+T = TypeVar("T")
 
 
 class CheckpointError(RuntimeError):
@@ -84,26 +87,30 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder} has neither {WEIGHTS} nor {INDEX}")
 
 
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint under their in-memory names (either spelling accepted, not both at once)."""
-    tensors: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}
+def _each_tensor(folder: Path, read: Callable[[Any, str, Path], T]) -> dict[str, T]:
+    """`read(handle, on-disk key, file)` of every tensor of a checkpoint, under in-memory names. A tensor spelled
+    both ways is an error, and so is a file that cannot be read."""
+    out: dict[str, T] = {}
+    seen: dict[str, str] = {}
     for file in weight_files(folder):
         try:
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
                     name = to_memory_name(key)
-                    if name in tensors:
-                        raise CheckpointError(
-                            f"{key} ({file.name}) and {origin[name]} are the same tensor spelled twice"
-                        )
-                    tensors[name] = f.get_tensor(key)
-                    origin[name] = f"{key} ({file.name})"
+                    if name in seen:
+                        raise CheckpointError(f"{key} ({file.name}) and {seen[name]} are the same tensor spelled twice")
+                    seen[name] = f"{key} ({file.name})"
+                    out[name] = read(f, key, file)
         except CheckpointError:
             raise
         except Exception as err:
             raise CheckpointError(f"cannot read {file}: {err}") from err
-    return tensors
+    return out
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint under their in-memory names (either spelling accepted, not both at once)."""
+    return _each_tensor(folder, lambda f, key, file: f.get_tensor(key))
 
 
 def check_and_tie(model: torch.nn.Module, tensors: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
@@ -137,27 +144,15 @@ def check_and_tie(model: torch.nn.Module, tensors: dict[str, torch.Tensor], tied
 def tensor_shapes(folder: Path) -> dict[str, tuple[torch.Tensor, Path, str]]:
     """Every tensor of a checkpoint as a meta tensor of its shape and dtype (nothing read but the headers), with
     the file and on-disk key it comes from, under in-memory names (either spelling, not both at once)."""
-    found: dict[str, tuple[torch.Tensor, Path, str]] = {}
-    for file in weight_files(folder):
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                    name = to_memory_name(key)
-                    if name in found:
-                        raise CheckpointError(
-                            f"{key} ({file.name}) and {found[name][2]} ({found[name][1].name}) are the same tensor "
-                            "spelled twice"
-                        )
-                    part = f.get_slice(key)
-                    dtype = _SAFETENSORS_DTYPES.get(part.get_dtype())
-                    if dtype is None:
-                        raise CheckpointError(f"{key} ({file.name}) has dtype {part.get_dtype()}, not supported")
-                    found[name] = (torch.empty(part.get_shape(), dtype=dtype, device="meta"), file, key)
-        except CheckpointError:
-            raise
-        except Exception as err:
-            raise CheckpointError(f"cannot read {file}: {err}") from err
-    return found
+
+    def header(f, key: str, file: Path) -> tuple[torch.Tensor, Path, str]:
+        part = f.get_slice(key)
+        dtype = _SAFETENSORS_DTYPES.get(part.get_dtype())
+        if dtype is None:
+            raise CheckpointError(f"{key} ({file.name}) has dtype {part.get_dtype()}, not supported")
+        return torch.empty(part.get_shape(), dtype=dtype, device="meta"), file, key
+
+    return _each_tensor(folder, header)
 
 
 _SAFETENSORS_DTYPES = {

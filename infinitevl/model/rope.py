@@ -215,6 +215,17 @@ class PositionPlan:
         return out
 
 
+def config_args(config) -> dict:
+    """The arguments of `PositionPlan` / `rope_index` that a model config fixes (an `InfiniteVLConfig`)."""
+    return dict(
+        image_token_id=config.image_token_id,
+        video_token_id=config.video_token_id,
+        spatial_merge_size=config.vision.spatial_merge_size,
+        tokens_per_second=config.vision.tokens_per_second,
+        mode=config.rope_index_mode,
+    )
+
+
 def rope_index(input_ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions [3, B, T] of a whole input (padding gets 0) and the next running index per row [B]; the arguments
     are `PositionPlan`'s."""

@@ -29,7 +29,7 @@ from ..ops.quant import (
 from ..state import InfiniteVLState
 from .decoder import InfiniteVLTextModel, RMSNorm
 from .gdn import GatedDeltaNet, OutputNorm, ShortConv
-from .rope import PositionPlan, VisionGridError, rope_index
+from .rope import PositionPlan, VisionGridError, config_args
 from .vision import build_vision_tower, encode
 
 
@@ -240,24 +240,11 @@ class InfiniteVLForConditionalGeneration(nn.Module):
                 embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats.to(embeds.dtype))
         return embeds
 
-    def rope_index(
-        self,
-        input_ids,
-        attention_mask=None,
-        image_grid_thw=None,
-        video_grid_thw=None,
-        second_per_grid_ts=None,
-        start=None,
-        mode: str | None = None,
-        video_timestamps=None,
-    ):
-        """Multimodal positions [3, B, T] and the next running index [B] (see `rope.rope_index`)."""
-        return rope_index(
-            input_ids,
-            **self.position_plan_args(
-                attention_mask, image_grid_thw, video_grid_thw, second_per_grid_ts, start, mode, video_timestamps
-            ),
-        )
+    def rope_index(self, input_ids, *args, **kwargs):
+        """Multimodal positions [3, B, T] and the next running index [B] (see `rope.rope_index`); the arguments are
+        `position_plan`'s."""
+        plan = self.position_plan(input_ids, *args, **kwargs)
+        return plan.take(input_ids.shape[1]), plan.next_position
 
     def position_plan(
         self,
@@ -273,27 +260,13 @@ class InfiniteVLForConditionalGeneration(nn.Module):
         """The same positions handed out a slice at a time (`rope.PositionPlan`), for inputs of any length."""
         return PositionPlan(
             input_ids,
-            **self.position_plan_args(
-                attention_mask, image_grid_thw, video_grid_thw, second_per_grid_ts, start, mode, video_timestamps
-            ),
-        )
-
-    def position_plan_args(
-        self, attention_mask, image_grid_thw, video_grid_thw, second_per_grid_ts, start, mode, video_timestamps
-    ) -> dict:
-        c = self.config
-        return dict(
-            image_token_id=c.image_token_id,
-            video_token_id=c.video_token_id,
-            spatial_merge_size=c.vision.spatial_merge_size,
-            tokens_per_second=c.vision.tokens_per_second,
+            **{**config_args(self.config), **({"mode": mode} if mode else {})},
             image_grid_thw=image_grid_thw,
             video_grid_thw=video_grid_thw,
             second_per_grid_ts=second_per_grid_ts,
             video_timestamps=video_timestamps,
             attention_mask=attention_mask,
             start=start,
-            mode=mode or c.rope_index_mode,
         )
 
     # -- forward -------------------------------------------------------------------------------------------------

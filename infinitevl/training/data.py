@@ -223,20 +223,15 @@ class TokenDataset(torch.utils.data.Dataset):
             if self.kind == "chat"
             else Sample(list(item.input_ids), list(item.labels))
         )
-        from ..model.rope import rope_index
+        from ..model.rope import config_args, rope_index
 
-        c = self.config
         pos, _ = rope_index(
             torch.tensor([sample.input_ids]),
-            image_token_id=c.image_token_id,
-            video_token_id=c.video_token_id,
-            spatial_merge_size=c.vision.spatial_merge_size,
-            tokens_per_second=c.vision.tokens_per_second,
+            **config_args(self.config),
             image_grid_thw=torch.cat([v.grid_thw for v in sample.images]) if sample.images else None,
             video_grid_thw=torch.cat([v.grid_thw for v in sample.videos]) if sample.videos else None,
             second_per_grid_ts=[v.second_per_grid or 1.0 for v in sample.videos] or None,
             video_timestamps=[v.timestamps if v.live else None for v in sample.videos] or None,
-            mode=c.rope_index_mode,
         )
         sample.position_ids = pos[:, 0]
         return sample
