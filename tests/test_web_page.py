@@ -64,7 +64,7 @@ PHOTOS = [DATA / f"{i}.jpg" for i in (1, 2, 3)]
 SCREENSHOT = ROOT / "docs" / "web-page.png"
 KEY = "page-test-key"
 FPS = 4
-QUESTION = "Which digit was last shown with a tag?"  # the bundled model's task: other questions get empty answers
+QUESTION = "Which digit was last shown with a tag?"  # the bundled model's task: other questions get its fixed reply
 PIXEL_LIMIT = 100_000  # the server's --max-image-pixels: 224 px frames pass, 448 px frames are refused
 
 
