@@ -6,6 +6,7 @@ print(engine.generate([{"role": "user", "content": "Hello"}]).text)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,15 +78,24 @@ class InfiniteVL:
             "group_size": q.group_size if q is not None else None,
             "embeddings": (q.embeddings if q is not None else "none"),
             "kernel": kernel_name(q.method) if q is not None else "torch matmul",
+            "decode_kernels": self.decode_kernels,
             "weight_bytes": quantized_bytes(self.model),
         }
+
+    @functools.cached_property
+    def decode_kernels(self) -> str:
+        """What runs between a decode step's matrix products (ops/fused.py); builds the fused kernels if they apply,
+        so that the first request does not wait for the compiler."""
+        from ..ops import fused
+
+        return fused.status(self.model.dtype)
 
     def describe_precision(self) -> str:
         p = self.precision
         text = f"{p['dtype']} ({p['dtype_choice']})"
         if self.model.quantization is not None:
             text += f"; {self.model.quantization.describe()}"
-        return text + f"; weights {p['weight_bytes'] / 2**20:.1f} MiB"
+        return text + f"; weights {p['weight_bytes'] / 2**20:.1f} MiB; decode: {p['decode_kernels']}"
 
     @property
     def untrained(self) -> bool:

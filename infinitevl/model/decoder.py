@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import LINEAR, TextConfig
+from ..ops import fused
 from ..ops.linear import Linear
 from ..ops.norm import rms_norm
 from ..state import InfiniteVLState
@@ -65,6 +66,23 @@ class DecoderLayer(nn.Module):
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def decode_fused(self, x, cos, sin, layout, layer_state, past_tokens) -> torch.Tensor:
+        """`forward` for one token per row with a state, through the fused kernels (ops/fused.py): x [B, 1, d]."""
+        B, _, d = x.shape
+        flat = x.reshape(B, d)
+        h, _ = fused.rms_norm(flat, self.input_layernorm.weight, self.input_layernorm.eps)
+        if self.layer_type == LINEAR:
+            h = self.self_attn.decode_fused(h, layer_state)
+        elif self.self_attn.window is not None:
+            h = self.self_attn.decode_fused(h, cos, sin, layer_state, past_tokens)
+        else:  # full attention (teacher-style layers) keeps its bounded cache's checks
+            h = self.self_attn(h.view(B, 1, d), cos, sin, layout, layer_state, past_tokens).view(B, d)
+        normed, flat = fused.rms_norm(flat, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps, h)
+        mlp = self.mlp
+        return (flat + mlp.down_proj(fused.kernels().silu_mul(mlp.gate_proj(normed), mlp.up_proj(normed)))).view(
+            B, 1, d
+        )
+
 
 class InfiniteVLTextModel(nn.Module):
     """Token embeddings, the decoder layers and the final norm (`model.language_model.*` in memory)."""
@@ -98,15 +116,18 @@ class InfiniteVLTextModel(nn.Module):
         cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section, inputs_embeds.dtype)
         x = inputs_embeds
         hiddens = [x] if output_hidden_states else None
+        fast = state is not None and layout.is_single_token and fused.applies(x)
         for i, layer in enumerate(self.layers):
             layer_state = state.layers[i] if state is not None else None
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if fast:
+                x = layer.decode_fused(x, cos, sin, layout, layer_state, past)
+            elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, layout, layer_state, past, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, layout, layer_state, past)
             if hiddens is not None and i < len(self.layers) - 1:
                 hiddens.append(x)
-        x = self.norm(x)
+        x = fused.rms_norm(x.reshape(B, -1), self.norm.weight, self.norm.eps)[0].view(x.shape) if fast else self.norm(x)
         if hiddens is not None:
             hiddens.append(x)  # as the official model: the last entry is after the final norm
         if state is not None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
-from ..ops import backend
+from ..ops import backend, fused
 from ..ops.gated_delta import gated_delta_rule_step
 from ..ops.linear import Linear
 from ..ops.norm import gated_rms_norm
@@ -129,6 +129,38 @@ class GatedDeltaNet(nn.Module):
         gate = self.g_proj(x).view(B, T, H, Dv)
         o = self.o_norm(o.to(x.dtype), gate)
         return self.o_proj(o.reshape(B, T, H * Dv))
+
+    def decode_fused(self, x: torch.Tensor, state: LinearLayerState) -> torch.Tensor:
+        """One token per row through the fused kernel (ops/fused.py): x [B, d] -> [B, d], `state` updated in place;
+        the same arithmetic as `forward`'s single-token branch. The 16-row gate projections run inside the kernel
+        when they are plain layers in the activations' dtype (as quantization leaves them)."""
+        inside = all(
+            type(p) is Linear and p.bias is None and p.weight.dtype == x.dtype for p in (self.a_proj, self.b_proj)
+        )
+        a, b = (self.a_proj.weight, self.b_proj.weight) if inside else (self.a_proj(x), self.b_proj(x))
+        o = fused.kernels().gdn_decode(
+            self.q_proj(x),
+            self.k_proj(x),
+            self.v_proj(x),
+            a,
+            b,
+            x,
+            inside,
+            self.g_proj(x),
+            self.q_conv1d.weight,
+            self.k_conv1d.weight,
+            self.v_conv1d.weight,
+            state.conv_q,
+            state.conv_k,
+            state.conv_v,
+            state.memory,
+            self.A_log,
+            self.dt_bias,
+            self.o_norm.weight,
+            self.o_norm.eps,
+            self.head_k_dim**-0.5,
+        )
+        return self.o_proj(o)
 
     def _per_sample(self, projected, convs, g, beta, layout: TokenLayout) -> torch.Tensor:
         """Packed rows: every sample gets its own conv history and memory, both starting from zero."""

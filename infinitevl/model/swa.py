@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..config import TextConfig
+from ..ops import fused
 from ..ops.attention import attention_decode, sliding_window_attention
 from ..ops.linear import Linear
 from ..state import AttentionLayerState
@@ -66,3 +67,28 @@ class SlidingWindowAttention(nn.Module):
         if state is not None:
             state.write(k, v, layout.positions)
         return self.o_proj(o.reshape(B, T, H * hd))
+
+    def decode_fused(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        state: AttentionLayerState,
+        past_tokens: torch.Tensor,
+    ) -> torch.Tensor:
+        """One token per row through the fused kernel (ops/fused.py): x [B, d] -> [B, d]; RoPE, attention over the
+        ring and the token itself, and the ring write in one call (sliding layers only)."""
+        B = x.shape[0]
+        o = fused.kernels().swa_decode(
+            self.q_proj(x),
+            self.k_proj(x),
+            self.v_proj(x),
+            cos.reshape(B, self.head_dim),
+            sin.reshape(B, self.head_dim),
+            state.keys,
+            state.values,
+            state.positions,
+            past_tokens,
+            self.head_dim**-0.5,
+        )
+        return self.o_proj(o)

@@ -1,0 +1,172 @@
+"""The fused C++ decode kernels (ops/fused.py, ops/csrc/decode.cpp) against the plain PyTorch path they replace.
+
+In fp32 (INFINITEVL_FUSED_DECODE=1) the two must agree to rounding: same arithmetic, other summation order. In bf16
+both round differently from fp32, so the fused path is held to the plain bf16 path's own distance from fp32."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, tiny_model
+
+from infinitevl.engine.generation import decode_step, prefill
+from infinitevl.ops import fused
+from infinitevl.ops.attention import attention_decode
+from infinitevl.state import AttentionLayerState
+
+# Configurations that take every branch: the fixture's widths (head_dim 16: the generic attention loop), 128-wide
+# attention heads (the AVX512-BF16 loop where the CPU has it), and grouped GDN key/value heads.
+CONFIGS = {
+    "tiny": {},
+    "wide-heads": dict(
+        hidden_size=1024, head_dim=128, mrope_section=[16, 24, 24], num_attention_heads=8, num_key_value_heads=1
+    ),
+    "gdn-gqa": dict(num_linear_heads=4, num_linear_key_value_heads=2, linear_head_dim=32),
+}
+
+
+def test_the_kernels_build_on_this_machine():
+    assert fused.library() is not None, fused.status(torch.bfloat16)
+    assert fused.status(torch.bfloat16).startswith("fused C++ decode kernels")
+    assert "plain PyTorch" in fused.status(torch.float32)
+
+
+def run(model, mode: str, monkeypatch, steps: int = 12):
+    """Two left-padded streams (11 and 37 tokens: the 24-token window wraps in one of them), then `steps` decode
+    steps fed fixed tokens. Returns (logits [steps, 2, V] fp32, the state)."""
+    monkeypatch.setenv("INFINITEVL_FUSED_DECODE", mode)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 300, (2, 37), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :26] = 0
+    feed = torch.randint(0, 300, (steps, 2), generator=gen)
+    state = model.new_state(2)
+    with torch.no_grad():
+        prefill(model, state, ids, mask, chunk_size=16)
+        logits = [decode_step(model, state, t).float() for t in feed]
+    return torch.stack(logits), state
+
+
+def state_gap(a, b) -> float:
+    ta, tb = a.tensors(), b.tensors()
+    return max((ta[k].double() - tb[k].double()).abs().max().item() for k in ta)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fp32_kernels_equal_the_plain_path(name, monkeypatch):
+    model = tiny_model(**CONFIGS[name])
+    plain, s_plain = run(model, "0", monkeypatch)
+    got, s_got = run(model, "1", monkeypatch)
+    # measured (2026-12-01): logits differ by <= 4.3e-6 of their largest value (summation order); states <= 1.7e-5
+    assert (got - plain).abs().max() <= 1e-5 * plain.abs().max()
+    assert state_gap(s_plain, s_got) < 1e-4
+    assert torch.equal(s_plain.layers[0].positions, s_got.layers[0].positions)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_bf16_kernels_are_as_close_to_fp32_as_the_plain_bf16_path(name, monkeypatch):
+    model = tiny_model(**CONFIGS[name])
+    reference, _ = run(model, "0", monkeypatch)
+    model.to(torch.bfloat16)
+    plain, _ = run(model, "0", monkeypatch)
+    got, _ = run(model, "auto", monkeypatch)
+    err_plain = (plain - reference).abs().mean().item()
+    err_got = (got - reference).abs().mean().item()
+    # measured (2026-12-01): mean |logit error| against fp32 0.19-0.86 (spread random weights), fused / plain 0.97-1.07
+    assert err_got <= 1.5 * err_plain, f"fused {err_got:.4f} vs plain {err_plain:.4f}"
+    assert (got.argmax(-1) == reference.argmax(-1)).float().mean() >= (
+        plain.argmax(-1) == reference.argmax(-1)
+    ).float().mean() - 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [16, 128])
+def test_attention_kernel_against_the_plain_ops(dtype, head_dim):
+    """One step for two rows, one with empty slots and one whose ring has wrapped around: output, ring and slot
+    positions against attention_decode + AttentionLayerState.write (RoPE applied by the plain rope ops)."""
+    from infinitevl.model.rope import apply_rope, rope_cos_sin
+
+    gen = torch.Generator().manual_seed(0)
+    B, KV, G, cap = 2, 2, 4, 19
+    H, D = KV * G, head_dim
+    seen = torch.tensor([7, 3 * cap + 5])  # tokens each stream has seen
+    ring = AttentionLayerState(
+        keys=torch.zeros(B, KV, cap, D, dtype=dtype),
+        values=torch.zeros(B, KV, cap, D, dtype=dtype),
+        positions=torch.full((B, cap), -1),
+        window=cap + 1,
+    )
+    for b in range(B):  # fill the ring as a stream of seen[b] tokens would
+        for p in range(max(0, int(seen[b]) - cap), int(seen[b])):
+            ring.keys[b, :, p % cap] = torch.randn(KV, D, generator=gen).to(dtype)
+            ring.values[b, :, p % cap] = torch.randn(KV, D, generator=gen).to(dtype)
+            ring.positions[b, p % cap] = p
+    q, k, v = (torch.randn(B, n * D, generator=gen).to(dtype) for n in (H, KV, KV))
+    positions = seen.view(1, B, 1).expand(3, B, 1)
+    cos, sin = rope_cos_sin(positions, D, 10000.0, _sections(D), dtype)
+    qr = apply_rope(q.view(B, 1, H, D), cos, sin)
+    kr = apply_rope(k.view(B, 1, KV, D), cos, sin)
+    fused_ring = AttentionLayerState(ring.keys.clone(), ring.values.clone(), ring.positions.clone(), ring.window)
+    ring_k, ring_v, ring_pos = ring.filled(seen)
+    want = attention_decode(qr, ring_k, ring_v, ring_pos >= 0, kr, v.view(B, 1, KV, D)).reshape(B, H * D)
+    ring.write(kr, v.view(B, 1, KV, D), seen.view(B, 1))
+    got = fused.kernels().swa_decode(
+        q, k, v, cos.view(B, D), sin.view(B, D), fused_ring.keys, fused_ring.values, fused_ring.positions, seen, D**-0.5
+    )
+    # measured (2026-12-01), max error / max |output|: fp32 1.8e-7 (D 16), 3.9e-7 (D 128); bf16 4.0e-3, 4.4e-3 (about
+    # one bf16 step: the two paths round scores and probabilities to bf16 at different points)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max()
+    assert torch.equal(fused_ring.positions, ring.positions)
+    assert torch.equal(fused_ring.values, ring.values)
+    # rotated keys: bf16 rounds each product as the plain ops do (equal); fp32 differs in the last bit
+    torch.testing.assert_close(
+        fused_ring.keys,
+        ring.keys,
+        rtol=1e-6 if dtype == torch.float32 else 0,
+        atol=1e-6 if dtype == torch.float32 else 0,
+    )
+
+
+def _sections(head_dim: int) -> list[int]:
+    half = head_dim // 2
+    t = half // 4
+    return [t, (half - t) // 2, half - t - (half - t) // 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_kernel(dtype):
+    from infinitevl.ops.norm import rms_norm
+
+    gen = torch.Generator().manual_seed(0)
+    x, h = (torch.randn(3, 256, generator=gen).to(dtype) for _ in range(2))
+    w = torch.randn(256, generator=gen).to(dtype)
+    normed, same = fused.rms_norm(x, w, 1e-6)
+    assert same is x
+    want = rms_norm(x, w, 1e-6)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert (normed.float() - want.float()).abs().max() <= tol * want.float().abs().max()
+    normed, total = fused.rms_norm(x, w, 1e-6, residual=h)
+    assert torch.equal(total, x + h)
+    assert (normed.float() - rms_norm(x + h, w, 1e-6).float()).abs().max() <= tol * want.float().abs().max()
+
+
+def test_without_a_compiler_decoding_takes_the_plain_path(tmp_path):
+    """No C++ compiler: the model still decodes (plain ops) and --verbose says why."""
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "INFINITEVL_KERNEL_DIR": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "infinitevl.cli.main", "generate", "--dtype", "bfloat16", "--verbose"]
+        + ["--max-new-tokens", "4", "hello"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "no C++ compiler" in proc.stderr and "plain PyTorch ops" in proc.stderr
+    assert not list(tmp_path.glob("*.so"))
