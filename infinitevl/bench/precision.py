@@ -10,9 +10,10 @@ tensor as it is read, so no mode ever holds another's weights. Each worker repor
   - decode: ms per token at each context (a filled state, see configs.py), the contexts timed in turn, with the floor
     = bytes one step must read (the decoder's weights at their stored size, the tied embedding / LM head once, and
     the state) / the machine's measured bandwidth;
-  - the step's matrix products alone: every linear layer of the decoder and the LM head called in order on one row;
-    the rest of the step (norms, convs, the delta rule, attention over the window, sampling-free Python) is the
-    overhead outside the matmuls;
+  - the step's matrix products alone: every linear layer of the decoder and the LM head called in order on one row,
+    timed alternately with the whole step at the first context; the rest of the step (norms, convs, the delta rule,
+    attention over the window, sampling-free Python) is the overhead outside the matmuls. Where the fused decode
+    kernels apply (ops/fused.py: bf16, int8, int4), the same step on the plain PyTorch ops is timed alongside;
   - prefill tokens/s for one prompt of N tokens (chunks of C), after a short warm-up prefill;
   - one 448x448 frame (256 tokens) through the vision tower.
 
@@ -43,10 +44,11 @@ MODES = {
     "int4-bf16-head": dict(dtype="bfloat16", quantize="int4", embeddings="none", decode_only=True),
 }
 KERNELS = {
-    "fp32": "fp32 GEMM (MKL); decode: batched-halves GEMV (ops/linear.py)",
-    "bf16": "bf16 F.linear (oneDNN)",
-    "int8": "aten._weight_int8pack_mm, bf16 activations (>= 256 rows: dequantized bf16 GEMM)",
-    "int4": "aten._weight_int4pack_mm_for_cpu, bf16 activations (>= 256 rows: dequantized bf16 GEMM)",
+    "fp32": "fp32 GEMM (MKL); decode: batched-halves GEMV (ops/linear.py), plain PyTorch ops between the matmuls",
+    "bf16": "bf16 F.linear (oneDNN); decode: fused C++ kernels between the matmuls (ops/fused.py)",
+    "int8": "aten._weight_int8pack_mm, bf16 activations (>= 256 rows: dequantized bf16 GEMM); decode: fused kernels",
+    "int4": "aten._weight_int4pack_mm_for_cpu, bf16 activations (>= 256 rows: dequantized bf16 GEMM); decode: fused "
+    "kernels",
     "int4-bf16-head": "int4 as above; LM head: bf16 F.linear",
 }
 
@@ -113,6 +115,7 @@ def worker(task: dict[str, Any]) -> dict[str, Any]:
 
     from ..engine.generation import decode_step, prefill
     from ..model import InfiniteVLForConditionalGeneration
+    from ..ops import fused
     from ..ops.quant import quantized_bytes
     from .timing import measure, measure_interleaved, summary, time_call
 
@@ -155,7 +158,14 @@ def worker(task: dict[str, Any]) -> dict[str, Any]:
             for m, a in zip(layers, inputs):
                 m(a)
 
-        out["matmuls"] = measure(matmuls, task["repeats"], warmup=task["warmup"])
+        # the overhead: the step at the first context against its matmuls alone, interleaved so that a slow phase of
+        # the machine hits both; and the same step on the plain PyTorch ops where the fused kernels apply
+        steps = {"step": lambda s=first: decode_step(model, s, token), "matmuls": matmuls}
+        out["decode_kernels"] = fused.status(model.dtype)
+        if fused.applies(x):
+            steps["plain"] = lambda s=first: _plain(lambda: decode_step(model, s, token))
+        split = measure_interleaved(steps, task["repeats"], warmup=task["warmup"])
+        out["matmuls"], out["overhead_step"], out["plain_step"] = split["matmuls"], split["step"], split.get("plain")
         del states, first
         if mode.get("decode_only"):
             out["peak_bytes"], out["rss_end_bytes"] = _status("VmHWM:"), _status("VmRSS:")
@@ -180,6 +190,21 @@ def worker(task: dict[str, Any]) -> dict[str, Any]:
     out["peak_bytes"] = _status("VmHWM:")
     out["rss_end_bytes"] = _status("VmRSS:")
     return out
+
+
+def _plain(fn):
+    """fn() with the fused decode kernels switched off (ops/fused.py)."""
+    import os
+
+    previous = os.environ.get("INFINITEVL_FUSED_DECODE")
+    os.environ["INFINITEVL_FUSED_DECODE"] = "0"
+    try:
+        return fn()
+    finally:
+        if previous is None:
+            del os.environ["INFINITEVL_FUSED_DECODE"]
+        else:
+            os.environ["INFINITEVL_FUSED_DECODE"] = previous
 
 
 def run_worker(task: dict[str, Any], timeout: float) -> dict[str, Any]:

@@ -237,14 +237,24 @@ def precision_targets(record: dict) -> list[dict]:
                 f"fp32 {fmt_bytes(fp32['peak_bytes']) if fp32 else '-'}",
             )
         )
-        step, mm = int4["decode"][0]["median_s"], int4["matmuls"]["median_s"]
+        step, mm = _overhead_split(int4)
         over = (step - mm) / step
+        state_s = int4["decode"][0]["state_bytes"] / r["bandwidth"]
+        plain = int4.get("plain_step")
         out.append(
             _target(
                 "precision: per-step overhead outside the matmuls <= 10% of the int4 step",
                 over <= 0.10,
                 f"{over:.0%} ({(step - mm) * 1e3:.1f} of {step * 1e3:.1f} ms)",
-                "step minus the same step's linear layers called alone",
+                "step minus the same step's linear layers called alone, timed alternately; reading the state once "
+                f"takes {state_s * 1e3:.1f} ms of it at the measured bandwidth; "
+                + (
+                    f"on the plain PyTorch ops the same step takes {plain['median_s'] * 1e3:.1f} ms (rest "
+                    f"{(plain['median_s'] - mm) / plain['median_s']:.0%}); "
+                    if plain
+                    else ""
+                )
+                + f"decode: {int4.get('decode_kernels', 'plain PyTorch ops')}",
             )
         )
     lcpp = r.get("llamacpp", {})
@@ -776,6 +786,12 @@ def real_memory_md(record: dict, memory: dict | None) -> str:
     )
 
 
+def _overhead_split(m: dict) -> tuple[float, float]:
+    """(step, its matmuls alone) in seconds: the pair timed alternately, or (older records) the decode point."""
+    step = (m.get("overhead_step") or m["decode"][0])["median_s"]
+    return step, m["matmuls"]["median_s"]
+
+
 def precision_md(record: dict) -> str:
     r = record["result"]
     fp32 = _measured(record, "fp32")
@@ -787,7 +803,7 @@ def precision_md(record: dict) -> str:
         cells = []
         for p in m["decode"]:
             cells.append(f"{p['median_s'] * 1e3:.1f} ({p['floor_s'] * 1e3:.1f}, {p['achieved_over_floor']:.2f}x)")
-        step, mm = m["decode"][0]["median_s"], m["matmuls"]["median_s"]
+        step, mm = _overhead_split(m)
         speed = lambda key, mode_m=m: (  # noqa: E731
             f" ({key(fp32) / key(mode_m):.2f}x)" if fp32 is not None else ""
         )
@@ -798,9 +814,10 @@ def precision_md(record: dict) -> str:
                 fmt_bytes(m["weight_bytes"]),
                 fmt_bytes(m["peak_bytes"]),
                 *cells,
-                f"{fp32['decode'][0]['median_s'] / step:.2f}x" if fp32 else "-",
+                f"{fp32['decode'][0]['median_s'] / m['decode'][0]['median_s']:.2f}x" if fp32 else "-",
                 f"{mm * 1e3:.1f}",
-                f"{(step - mm) * 1e3:.1f} ({(step - mm) / step:.0%})",
+                f"{(step - mm) * 1e3:.1f} ({(step - mm) / step:.0%})"
+                + (f"; plain ops {m['plain_step']['median_s'] * 1e3:.1f}" if m.get("plain_step") else ""),
                 f"{m['prefill']['tokens_per_s']:.1f}" + speed(lambda x: x["prefill"]["median_s"])
                 if "prefill" in m
                 else "-",
@@ -812,7 +829,8 @@ def precision_md(record: dict) -> str:
     header = ["mode", "load s", "weights", "peak RSS"]
     header += [f"decode ms at {c} (floor ms, x floor)" for c in contexts]
     side = first["vision"]["frame"] if first else "?"
-    header += ["decode vs fp32", "matmuls ms", "rest of the step ms", "prefill tok/s", f"vision s, {side}x{side}"]
+    header += ["decode vs fp32", "matmuls ms", f"rest of the step ms (at {contexts[0] if contexts else '-'})"]
+    header += ["prefill tok/s", f"vision s, {side}x{side}"]
     kernels = "\n".join(f"- {mode}: {k}" for mode, k in r["kernels"].items())
     text = (
         f"Config `{r['config']['name']}` (random weights) loaded from a bf16 checkpoint of "
