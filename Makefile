@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup browser test lint demo bench bench-quick clean
+.PHONY: setup browser compiler test lint demo bench bench-quick clean
 
 # PYTHONWARNINGS: setuptools prints a boxed notice on every editable install about layouts this project does not use
 $(STAMP): pyproject.toml requirements/ci.txt
@@ -27,9 +27,17 @@ browser:
 			chromium chromium-driver >/dev/null; \
 	else echo "chromium / chromium-driver are missing: tests/test_web_page.py will be skipped (install them as root: make browser)"; fi
 
+# The fused decode kernels (infinitevl/ops/fused.py) are compiled on first use with the system C++ compiler; without
+# one, decoding takes the plain PyTorch ops and their tests are skipped. As root (CI) g++ is installed when missing.
+compiler:
+	@if command -v "$${CXX:-g++}" >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++ >/dev/null; \
+	else echo "no C++ compiler: the fused decode kernels and their tests are skipped (install g++, or: make compiler as root)"; fi
+
 # Much of the suite is single-threaded work (subprocesses importing torch), so two workers with one torch thread
 # each use both cores. Tests marked `serial` measure time or load a server; they run alone afterwards.
-test: $(STAMP) browser
+test: $(STAMP) browser compiler
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not serial"
 	$(PY) -m pytest -q -m serial

@@ -82,6 +82,10 @@ def library() -> Path | None:
         with open(folder / f"{target.name}.lock", "w") as lock:  # one build at a time (parallel test workers)
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not target.exists():
+                print(
+                    f"infinitevl: building the fused decode kernels for this machine (once) in {folder}",
+                    file=sys.stderr,
+                )
                 partial = target.with_suffix(f".{os.getpid()}.tmp")
                 proc = subprocess.run(_compile_command(compiler, SOURCE, partial), capture_output=True, text=True)
                 if proc.returncode != 0:
