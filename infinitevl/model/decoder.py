@@ -76,7 +76,7 @@ class DecoderLayer(nn.Module):
         elif self.self_attn.window is not None:
             h = self.self_attn.decode_fused(h, cos, sin, layer_state, past_tokens)
         else:  # full attention (teacher-style layers) keeps its bounded cache's checks
-            h = self.self_attn(h.view(B, 1, d), cos, sin, layout, layer_state, past_tokens).view(B, d)
+            h = self.self_attn(h.view(B, 1, d), cos, sin, layout, layer_state, past_tokens).reshape(B, d)
         normed, flat = fused.rms_norm(flat, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps, h)
         mlp = self.mlp
         return (flat + mlp.down_proj(fused.kernels().silu_mul(mlp.gate_proj(normed), mlp.up_proj(normed)))).view(

@@ -5,7 +5,8 @@ the delta rule on the memory, RoPE, the ring write) is a few hundred small ops p
 dispatch costs as much as a third of an int4 step. `csrc/decode.cpp` does that work in one call per layer and
 norm. It is compiled once per machine with the system C++ compiler against the installed torch (a few seconds;
 no Python headers, no ninja) into `~/.cache/infinitevl/kernels` (or INFINITEVL_KERNEL_DIR), keyed by the source,
-torch version, compiler and CPU flags (it is built with -march=native), and loaded as `torch.ops.infinitevl.*`.
+torch version, compiler and CPU flags (it is built with -march=native: AVX-512 and AVX512-BF16 loops where the CPU
+has them, portable loops otherwise), and loaded as `torch.ops.infinitevl.*`.
 
 When the kernels apply (INFINITEVL_FUSED_DECODE):
     auto (default)  CPU decode steps of a bf16 model (which includes int8 / int4 models); fp32 stays the plain
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "decode.cpp"
-FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w")
+FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w")
 MODES = ("auto", "0", "1")
 _problem: str | None = None
 
@@ -48,19 +49,25 @@ def kernel_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "infinitevl" / "kernels"
 
 
+def arch() -> str:
+    """The -march the kernels are built for: this CPU (`native`) unless INFINITEVL_KERNEL_ARCH names another (the
+    tests build an AVX2-only variant this way, to run the paths of CPUs without AVX-512)."""
+    return os.environ.get("INFINITEVL_KERNEL_ARCH", "native")
+
+
 def _compile_command(compiler: str, source: Path, out: Path) -> list[str]:
     root = Path(torch.__file__).parent
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     includes = [f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}"]
     libs = [f"-L{root / 'lib'}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{root / 'lib'}"]
-    return [compiler, *FLAGS, abi, *includes, str(source), *libs, "-o", str(out)]
+    return [compiler, *FLAGS, f"-march={arch()}", abi, *includes, str(source), *libs, "-o", str(out)]
 
 
 def _build_key(compiler: str) -> str:
     from .precision import cpu_flags
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    parts = [SOURCE.read_text(), torch.__version__, *version, *FLAGS, *sorted(cpu_flags())]
+    parts = [SOURCE.read_text(), torch.__version__, *version, *FLAGS, arch(), *sorted(cpu_flags())]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
