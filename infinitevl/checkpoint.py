@@ -237,8 +237,11 @@ def load_pretrained(
         prefix, _, leaf = name.rpartition(".")
         owner = owners.get(prefix)
         if owner is None or leaf == "bias":
+            # always a copy in the process's own memory: a tensor left on safetensors' file mapping is paged in on
+            # first use, dropped and read back from disk when memory is short, and streamed about 20% slower by a
+            # decode step (measured: 4B in bf16, 322-332 ms per token mapped, 266-272 ms copied)
             tensor = _read_tensor(file, key)
-            _assign(model, name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+            _assign(model, name, tensor.to(dtype, copy=True) if tensor.is_floating_point() else tensor.clone())
         elif stored is None:  # a float weight of a layer quantized while loading
             owner.set_portable(quantize_for(owner, _read_tensor(file, key)))
             release_freed_memory()

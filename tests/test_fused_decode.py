@@ -189,6 +189,28 @@ def _sections(head_dim: int) -> list[int]:
 
 
 @pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("rows, n, k", [(1, 4096, 2048), (3, 37, 100), (16, 6, 33)])
+def test_bf16_linear_kernel(rows, n, k):
+    """bf16 products of few rows (a decode step's) against fp32 arithmetic, beside torch's bf16 F.linear; the model
+    reaches it through ops/linear.py, so the decode comparisons above run it too."""
+    import torch.nn.functional as F
+
+    from infinitevl.ops.linear import MAX_ROWS, linear
+
+    if "avx512_bf16" not in fused.features():
+        pytest.skip("the kernels were built without AVX512-BF16: bf16 layers use F.linear")
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=gen).to(torch.bfloat16) for shape in ((rows, k), (n, k), (n,)))
+    want = F.linear(x.float(), w.float(), b.float())
+    plain = F.linear(x, w, b).float()
+    assert fused.linear_applies(x, w, MAX_ROWS)
+    got = linear(x, w, b).float()
+    # measured (2026-12-01): the same max error as F.linear's (both are the final rounding to bf16)
+    assert (got - want).abs().max() <= 1.5 * (plain - want).abs().max() + 1e-6
+    assert not fused.linear_applies(torch.randn(MAX_ROWS + 1, k).to(torch.bfloat16), w, MAX_ROWS)
+
+
+@pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_kernel(dtype):
     from infinitevl.ops.norm import rms_norm

@@ -3,7 +3,7 @@
 A decode step's matrix products are few and large; everything between them (norms, casts, the conv step, gates,
 the delta rule on the memory, RoPE, the ring write) is a few hundred small ops per layer, and on a CPU their
 dispatch costs as much as a third of an int4 step. `csrc/decode.cpp` does that work in one call per layer and
-norm. It is compiled once per machine with the system C++ compiler against the installed torch (a few seconds;
+norm, and (with AVX512-BF16) the bf16 matrix-vector products of a decode step, which torch runs at half the speed. It is compiled once per machine with the system C++ compiler against the installed torch (a few seconds;
 no Python headers, no ninja) into `~/.cache/infinitevl/kernels` (or INFINITEVL_KERNEL_DIR), keyed by the source,
 torch version, compiler and CPU flags (it is built with -march=native: AVX-512 and AVX512-BF16 loops where the CPU
 has them, portable loops otherwise), and loaded as `torch.ops.infinitevl.*`.
@@ -119,11 +119,30 @@ def applies(x: torch.Tensor) -> bool:
     return library() is not None
 
 
+@functools.cache
+def features() -> frozenset[str]:
+    """What the loaded kernels were built with ("avx512", "avx512_bf16"); empty without the kernels."""
+    return frozenset(kernels().features()) if library() is not None else frozenset()
+
+
+def linear_applies(x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> bool:
+    """Whether a bf16 linear layer on `x` (at most `max_rows` rows, no autograd) takes `linear_bf16`."""
+    return (
+        x.dtype == weight.dtype == torch.bfloat16
+        and x.numel() // x.shape[-1] <= max_rows
+        and not (torch.is_grad_enabled() and weight.requires_grad)
+        and weight.is_contiguous()
+        and applies(x)
+        and "avx512_bf16" in features()
+    )
+
+
 def status(dtype: torch.dtype) -> str:
     """One line for --verbose and /health: whether decode steps of a `dtype` model run the fused kernels."""
     probe = torch.empty(0, dtype=dtype)
     if applies(probe):
-        return f"fused C++ decode kernels ({library().name})"
+        gemv = ", bf16 linear layers of up to 16 rows on AVX512-BF16" if "avx512_bf16" in features() else ""
+        return f"fused C++ decode kernels ({library().name}{gemv})"
     if mode() == "0":
         return "plain PyTorch ops (INFINITEVL_FUSED_DECODE=0)"
     if _problem is not None:
