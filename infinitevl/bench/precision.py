@@ -43,13 +43,12 @@ MODES = {
     # the same int4 decoder with the tied embedding / LM head kept in bf16: what the int8 table buys (decode only)
     "int4-bf16-head": dict(dtype="bfloat16", quantize="int4", embeddings="none", decode_only=True),
 }
-KERNELS = {
-    "fp32": "fp32 GEMM (MKL); decode: batched-halves GEMV (ops/linear.py), plain PyTorch ops between the matmuls",
-    "bf16": "bf16 F.linear (oneDNN); decode: fused C++ kernels between the matmuls (ops/fused.py)",
-    "int8": "aten._weight_int8pack_mm, bf16 activations (>= 256 rows: dequantized bf16 GEMM); decode: fused kernels",
-    "int4": "aten._weight_int4pack_mm_for_cpu, bf16 activations (>= 256 rows: dequantized bf16 GEMM); decode: fused "
-    "kernels",
-    "int4-bf16-head": "int4 as above; LM head: bf16 F.linear",
+KERNELS = {  # the matrix products; what runs between them in a decode step is each record's `decode_kernels`
+    "fp32": "fp32 GEMM (MKL); decode: batched-halves GEMV (ops/linear.py)",
+    "bf16": "bf16 F.linear (oneDNN); decode: the fused kernels' bf16 dot products where the CPU has AVX512-BF16",
+    "int8": "aten._weight_int8pack_mm, bf16 activations (>= 256 rows: dequantized bf16 GEMM)",
+    "int4": "aten._weight_int4pack_mm_for_cpu, bf16 activations (>= 256 rows: dequantized bf16 GEMM)",
+    "int4-bf16-head": "int4 as above; LM head: bf16 as in the bf16 mode",
 }
 
 

@@ -831,7 +831,10 @@ def precision_md(record: dict) -> str:
     side = first["vision"]["frame"] if first else "?"
     header += ["decode vs fp32", "matmuls ms", f"rest of the step ms (at {contexts[0] if contexts else '-'})"]
     header += ["prefill tok/s", f"vision s, {side}x{side}"]
-    kernels = "\n".join(f"- {mode}: {k}" for mode, k in r["kernels"].items())
+    kernels = "\n".join(
+        f"- {mode}: {k}; between the matmuls of a decode step: {r['modes'].get(mode, {}).get('decode_kernels', '-')}"
+        for mode, k in r["kernels"].items()
+    )
     text = (
         f"Config `{r['config']['name']}` (random weights) loaded from a bf16 checkpoint of "
         f"{fmt_bytes(r['checkpoint_bytes'])}; decode floors at {r['bandwidth'] / 1e9:.1f} GB/s; prefill of "
