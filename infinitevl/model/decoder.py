@@ -70,18 +70,17 @@ class DecoderLayer(nn.Module):
         """`forward` for one token per row with a state, through the fused kernels (ops/fused.py): x [B, 1, d]."""
         B, _, d = x.shape
         flat = x.reshape(B, d)
-        h, _ = fused.rms_norm(flat, self.input_layernorm.weight, self.input_layernorm.eps)
+        norm1, norm2, mixer, mlp = self.input_layernorm, self.post_attention_layernorm, self.self_attn, self.mlp
+        h, _ = fused.rms_norm(flat, norm1.weight, norm1.eps)
         if self.layer_type == LINEAR:
-            h = self.self_attn.decode_fused(h, layer_state)
-        elif self.self_attn.window is not None:
-            h = self.self_attn.decode_fused(h, cos, sin, layer_state, past_tokens)
+            h = mixer.decode_fused(h, layer_state)
+        elif mixer.window is not None:
+            h = mixer.decode_fused(h, cos, sin, layer_state, past_tokens)
         else:  # full attention (teacher-style layers) keeps its bounded cache's checks
-            h = self.self_attn(h.view(B, 1, d), cos, sin, layout, layer_state, past_tokens).reshape(B, d)
-        normed, flat = fused.rms_norm(flat, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps, h)
-        mlp = self.mlp
-        return (flat + mlp.down_proj(fused.kernels().silu_mul(mlp.gate_proj(normed), mlp.up_proj(normed)))).view(
-            B, 1, d
-        )
+            h = mixer(h.view(B, 1, d), cos, sin, layout, layer_state, past_tokens).reshape(B, d)
+        normed, flat = fused.rms_norm(flat, norm2.weight, norm2.eps, h)
+        up = fused.kernels().silu_mul(mlp.gate_proj(normed), mlp.up_proj(normed))
+        return (flat + mlp.down_proj(up)).view(B, 1, d)
 
 
 class InfiniteVLTextModel(nn.Module):

@@ -134,10 +134,15 @@ class GatedDeltaNet(nn.Module):
         """One token per row through the fused kernel (ops/fused.py): x [B, d] -> [B, d], `state` updated in place;
         the same arithmetic as `forward`'s single-token branch. The 16-row gate projections run inside the kernel
         when they are plain layers in the activations' dtype (as quantization leaves them)."""
-        inside = all(
-            type(p) is Linear and p.bias is None and p.weight.dtype == x.dtype for p in (self.a_proj, self.b_proj)
+        a_proj, b_proj = self.a_proj, self.b_proj
+        inside = (
+            type(a_proj) is Linear
+            and type(b_proj) is Linear
+            and a_proj.bias is None
+            and b_proj.bias is None
+            and a_proj.weight.dtype == b_proj.weight.dtype == x.dtype
         )
-        a, b = (self.a_proj.weight, self.b_proj.weight) if inside else (self.a_proj(x), self.b_proj(x))
+        a, b = (a_proj.weight, b_proj.weight) if inside else (a_proj(x), b_proj(x))
         o = fused.kernels().gdn_decode(
             self.q_proj(x),
             self.k_proj(x),

@@ -371,16 +371,22 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> [..., N] in x's dtype (the kernel runs on bf16 activations)."""
         lead = x.shape[:-1]
-        a = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)
+        a = x.reshape(-1, self.in_features)
+        if a.dtype != KERNEL_DTYPE:  # (no-op casts skipped: a decode step makes hundreds of these calls)
+            a = a.to(KERNEL_DTYPE)
         if a.shape[0] >= DEQUANTIZE_ROWS:  # prefill: compute-bound, where bf16 GEMM is several times faster
             y = F.linear(a, self.dequantized()).to(x.dtype).view(*lead, self.out_features)
             return y + self.bias if self.bias is not None else y
-        scales = self.scales if self.scales.dtype == KERNEL_DTYPE else self.scales.to(KERNEL_DTYPE)  # after .to()
+        scales = self.scales
+        if scales.dtype != KERNEL_DTYPE:  # after .to()
+            scales = scales.to(KERNEL_DTYPE)
         if self.method == "int8":
             y = torch.ops.aten._weight_int8pack_mm(a, self.qweight, scales)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(a, self.qweight, self.group_size, scales)
-        y = y.to(x.dtype).view(*lead, self.out_features)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        y = y.view(*lead, self.out_features)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
