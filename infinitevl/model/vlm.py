@@ -157,14 +157,14 @@ class InfiniteVLForConditionalGeneration(nn.Module):
             if not wanted or (keep is None and not fits(config.method, *size)):
                 kept.append(disk)
                 continue
-            layers.set_submodule(name, _quantized_linear(module, config))
+            layers.set_submodule(name, QuantizedLinear.from_float(module, config))
         lm = self.model.language_model
         if config.embeddings == "int8":
-            lm.embed_tokens = _quantized_embedding(lm.embed_tokens)
+            lm.embed_tokens = QuantizedEmbedding.from_float(lm.embed_tokens)
             if self.config.text.tie_word_embeddings:
                 self.tie_weights()
             else:
-                self.lm_head = _quantized_linear(self.lm_head, QuantConfig("int8"))
+                self.lm_head = QuantizedLinear.from_float(self.lm_head, QuantConfig("int8"))
         else:
             kept += ["model.embed_tokens", "lm_head"]
         self.quantization = dataclasses.replace(config, modules_to_not_convert=tuple(kept))
@@ -339,26 +339,6 @@ class InfiniteVLForConditionalGeneration(nn.Module):
         from ..engine.generation import greedy_generate
 
         return greedy_generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
-
-
-def _quantized_linear(module: nn.Linear, config: QuantConfig) -> QuantizedLinear:
-    if module.weight.device.type != "meta":
-        return QuantizedLinear.from_float(module, config)
-    return QuantizedLinear(
-        module.in_features,
-        module.out_features,
-        config.method,
-        config.group_size,
-        bias=module.bias is not None,
-        dtype=module.weight.dtype,
-        device="meta",
-    )
-
-
-def _quantized_embedding(module: nn.Embedding) -> QuantizedEmbedding:
-    if module.weight.device.type != "meta":
-        return QuantizedEmbedding.from_float(module)
-    return QuantizedEmbedding(*module.weight.shape, dtype=module.weight.dtype, device="meta")
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -297,6 +297,8 @@ class QuantizedLinear(nn.Module):
             dtype=linear.weight.dtype,
             device=linear.weight.device,
         )
+        if linear.weight.device.type == "meta":  # the layout only: loading a checkpoint fills it
+            return module
         module.set_portable(quantize_tensor(linear.weight.detach(), config))
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
@@ -411,7 +413,8 @@ class QuantizedEmbedding(nn.Module):
     def from_float(cls, embedding: nn.Embedding) -> QuantizedEmbedding:
         w = embedding.weight.detach()
         module = cls(*w.shape, dtype=w.dtype, device=w.device)
-        module.set_portable(quantize_int8(w))
+        if w.device.type != "meta":  # on meta, the layout only
+            module.set_portable(quantize_int8(w))
         return module
 
     def portable_keys(self) -> tuple[str, ...]:

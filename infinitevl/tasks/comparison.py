@@ -207,6 +207,11 @@ def _kib(n: int) -> str:
     return f"{n / 1024:.0f} KiB"
 
 
+def _row(*cells) -> str:
+    """One markdown table row."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
 def recall_markdown(summary: dict) -> list[str]:
     names = [n for n in summary if "by_distance" in summary[n]]
     if not names:
@@ -225,25 +230,23 @@ def recall_markdown(summary: dict) -> list[str]:
     lines.append("| (questions) | " + " | ".join(str(counts[b]) for b in bins) + " | | |")
     lines += [
         "",
-        "| model | "
-        + " | ".join(f"acc @ {L} frames" for L in lengths)
-        + " | "
-        + " | ".join(f"state @ {L}" for L in lengths)
-        + " | "
-        + " | ".join(f"ms/frame @ {L}" for L in lengths)
-        + " |",
+        _row(
+            "model",
+            *(f"acc @ {L} frames" for L in lengths),
+            *(f"state @ {L}" for L in lengths),
+            *(f"ms/frame @ {L}" for L in lengths),
+        ),
         "|---" * (1 + 3 * len(lengths)) + "|",
     ]
     for n in names:
         s = summary[n]
         lines.append(
-            f"| {n} | "
-            + " | ".join(_cell(s["by_length"][L]) for L in lengths)
-            + " | "
-            + " | ".join(_kib(s["state_bytes"][L]) for L in lengths)
-            + " | "
-            + " | ".join(f"{s['ms_per_frame_last'][L]:.1f}" for L in lengths)
-            + " |"
+            _row(
+                n,
+                *(_cell(s["by_length"][L]) for L in lengths),
+                *(_kib(s["state_bytes"][L]) for L in lengths),
+                *(f"{s['ms_per_frame_last'][L]:.1f}" for L in lengths),
+            )
         )
     return lines
 
@@ -254,45 +257,39 @@ def copy_markdown(summary: dict) -> list[str]:
         return []
     first = summary[names[0]]["copy"]
     sizes, bins, lengths = list(first["read"]), list(first["recall"]), list(first["state_bytes"])
-    head = " | ".join(f"read {n} digits" for n in sizes) + " | " + " | ".join(f"recall @ {b} back" for b in bins)
-    lines = ["| model | " + head + " |", "|---" * (1 + len(sizes) + len(bins)) + "|"]
+    lines = [
+        _row("model", *(f"read {n} digits" for n in sizes), *(f"recall @ {b} back" for b in bins)),
+        "|---" * (1 + len(sizes) + len(bins)) + "|",
+    ]
     for n in names:
         c = summary[n]["copy"]
-        lines.append(
-            f"| {n} | "
-            + " | ".join(_cell(c["read"][k]) for k in sizes)
-            + " | "
-            + " | ".join(_cell(c["recall"][b]) for b in bins)
-            + " |"
-        )
+        lines.append(_row(n, *(_cell(c["read"][k]) for k in sizes), *(_cell(c["recall"][b]) for b in bins)))
     lines.append(
-        "| (questions) | "
-        + " | ".join(str(first["read_questions"][k]) for k in sizes)
-        + " | "
-        + " | ".join(str(first["recall_questions"][b]) for b in bins)
-        + " |"
+        _row(
+            "(questions)",
+            *(first["read_questions"][k] for k in sizes),
+            *(first["recall_questions"][b] for b in bins),
+        )
     )
     lines += [
         "",
-        "| model | "
-        + " | ".join(f"digits right, read {n}" for n in sizes)
-        + " | "
-        + " | ".join(f"state @ {L}" for L in lengths)
-        + " | "
-        + " | ".join(f"ms/frame @ {L}" for L in lengths)
-        + " |",
+        _row(
+            "model",
+            *(f"digits right, read {n}" for n in sizes),
+            *(f"state @ {L}" for L in lengths),
+            *(f"ms/frame @ {L}" for L in lengths),
+        ),
         "|---" * (1 + len(sizes) + 2 * len(lengths)) + "|",
     ]
     for n in names:
         c = summary[n]["copy"]
         lines.append(
-            f"| {n} | "
-            + " | ".join(_cell(c["read_digits_right"][k]) for k in sizes)
-            + " | "
-            + " | ".join(_kib(c["state_bytes"][L]) for L in lengths)
-            + " | "
-            + " | ".join(f"{c['ms_per_frame_last'][L]:.1f}" for L in lengths)
-            + " |"
+            _row(
+                n,
+                *(_cell(c["read_digits_right"][k]) for k in sizes),
+                *(_kib(c["state_bytes"][L]) for L in lengths),
+                *(f"{c['ms_per_frame_last'][L]:.1f}" for L in lengths),
+            )
         )
     return lines
 
