@@ -13,6 +13,21 @@ import torch
 
 BUNDLED = Path(__file__).parent / "assets" / "default-model"
 BUNDLED_SWA_ONLY = Path(__file__).parent / "assets" / "swa-only-model"  # the demo's contrast: the window alone
+# Real photographs, videos, a conversation dataset and Wikipedia text (LLaMA-Factory's demo data, Apache-2.0; see
+# its README): the demo, the miniature, the examples, the benchmarks and the tests use these files.
+MEDIA = Path(__file__).parent / "assets" / "media"
+PHOTOS = MEDIA / "mllm_demo" / "mllm_demo_data"
+
+
+def media_file(path: Path) -> Path:
+    """A file the package ships, or an error naming it (a partial install or a damaged clone), never a fallback."""
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: it ships with the package (reinstall it, or clone the repository again)"
+        )
+    return path
+
+
 UNTRAINED_NOTE = "infinitevl_untrained"
 NOTE_KEY = "infinitevl_note"  # config.json: what a model was trained for, said once to whoever uses it
 BUNDLED_NOTE = (

@@ -13,9 +13,8 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("INFINITEVL_SHARED", ROOT.parent / "shared"))
-FIXTURE = SHARED / "fixtures" / "official-tiny"
-MEDIA = SHARED / "media"
+FIXTURE = ROOT / "tests" / "fixtures" / "official-tiny"  # made by the official model code: see its README
+MEDIA = ROOT / "infinitevl" / "assets" / "media"
 CASES = ("text", "image", "video", "multi")
 
 # Under pytest-xdist (`make test` runs two workers) each worker gets one thread, so the cores are not oversubscribed.
@@ -24,7 +23,7 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.
 
 def pytest_configure(config):
     if not FIXTURE.exists():
-        raise pytest.UsageError(f"the official fixture is missing at {FIXTURE} (set INFINITEVL_SHARED)")
+        raise pytest.UsageError(f"the official fixture is missing at {FIXTURE}: it is part of the repository")
 
 
 @pytest.fixture(scope="session")

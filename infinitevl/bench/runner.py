@@ -22,7 +22,7 @@ from . import SECTIONS, machine
 from .timing import OtherLoad, Progress
 
 K, M = 2**10, 2**20
-FIXTURE = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "official-tiny"
+FIXTURE = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "official-tiny"  # in the repository
 CACHE = Path(os.environ.get("INFINITEVL_BENCH_CACHE", Path.home() / ".cache" / "infinitevl-bench"))
 
 

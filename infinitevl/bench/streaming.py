@@ -1,6 +1,6 @@
 """Streaming: frames per second over a long live stream of 448x448 frames (256 tokens each), both models.
 
-The source is a real video (`../shared/media/mllm_demo/mllm_demo_data/1.mp4`) sampled at 2 frames/s and looped
+The source is a real video (`infinitevl/assets/media/mllm_demo/mllm_demo_data/1.mp4`, shipped with the package) sampled at 2 frames/s and looped
 (timestamps keep increasing) until the stream is long enough. Per frame:
 
     decode      PyAV decoding up to the next sampled frame (`iter_video`)
@@ -27,7 +27,6 @@ from drift over a long-running process on a shared machine.
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import time
 from collections.abc import Iterator
@@ -36,12 +35,12 @@ from typing import Any
 
 import torch
 
+from ..defaults import PHOTOS
 from . import configs as C
 from .decode import reserve_bytes
 from .timing import available_ram, free_memory, measure_interleaved, rss
 
-SHARED = Path(os.environ.get("INFINITEVL_SHARED", Path(__file__).resolve().parents[3] / "shared"))
-DEFAULT_VIDEO = SHARED / "media" / "mllm_demo" / "mllm_demo_data" / "1.mp4"
+DEFAULT_VIDEO = PHOTOS / "1.mp4"
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
 

@@ -25,7 +25,11 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help=HELP, description=__doc__.split("\n\n", 1)[1])
     p.add_argument("--frames", type=int, default=400, help="stream length in frames (one token each)")
     p.add_argument("--seed", type=int, default=2026, help="seed of the held-out stream and its questions")
-    p.add_argument("--media", default=None, help="photographs for the backgrounds (default: ../shared/media)")
+    p.add_argument(
+        "--media",
+        default=None,
+        help="folder of photographs (*.jpg) for the backgrounds (default: the ones the package ships)",
+    )
     p.add_argument("--video", default=None, help="video for models not trained on the task")
     p.add_argument(
         "--contrast",
@@ -39,8 +43,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..tasks.miniature import MEDIA
-
     if args.frames < 16:
         raise CliError("--frames must be at least 16")
     if args.video:
@@ -57,8 +59,7 @@ def run(args) -> int:
     if size is None:
         return _video_demo(engine, args)
     contrast = _load_contrast(contrast_path)
-    media = Path(args.media) if args.media else MEDIA
-    media = media if media.exists() else None
+    media = Path(args.media) if args.media else None  # None: the photographs the package ships
     _recall_demo(engine, contrast, args, media)
     if engine.model.config.extra.get("infinitevl_read_frame_size") is not None:
         _read_back_demo(engine, contrast, args, media)
@@ -195,12 +196,10 @@ def _read_back_demo(engine, contrast, args, media) -> None:
 
 
 def _video_demo(engine, args) -> int:
+    from ..defaults import PHOTOS, media_file
     from ..processing.media import iter_video
 
-    video = Path(
-        args.video
-        or Path(__file__).resolve().parents[3] / "shared" / "media" / "mllm_demo" / "mllm_demo_data" / "1.mp4"
-    )
+    video = Path(args.video) if args.video else media_file(PHOTOS / "1.mp4")
     session = engine.session()
     for frame, t in iter_video(video, fps=2.0, max_frames=40):
         session.append_frame(frame, t)

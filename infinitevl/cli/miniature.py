@@ -19,7 +19,11 @@ HELP = "train and compare the miniature models (teacher, hybrids, SWA-only, GDN-
 def add_parser(sub) -> None:
     p = sub.add_parser("miniature", help=HELP, description=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", default="runs/miniature", help="working folder (reused: finished steps are skipped)")
-    p.add_argument("--media", default=None, help="folder of photographs for backgrounds (default: ../shared/media)")
+    p.add_argument(
+        "--media",
+        default=None,
+        help="folder of photographs (*.jpg) for the backgrounds (default: the ones the package ships)",
+    )
     p.add_argument("--readme", default=None, help="README whose miniature block to rewrite")
     p.add_argument(
         "--install",
@@ -38,14 +42,14 @@ def run(args) -> int:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         raise CliError(f"--tasks: unknown {', '.join(unknown) or 'empty'} (choose among {', '.join(TASKS)})")
-    from ..tasks.miniature import MEDIA, Budget
+    from ..tasks.miniature import Budget
     from ..tasks.miniature import run as run_pipeline
 
     budget = Budget.quick() if args.quick else Budget()
     report = run_pipeline(
         args.out,
         budget,
-        media=Path(args.media) if args.media else MEDIA,
+        media=Path(args.media) if args.media else None,
         readme=Path(args.readme) if args.readme else None,
         install=Path(args.install) if args.install else None,
         command="infinitevl " + " ".join(sys.argv[1:]),

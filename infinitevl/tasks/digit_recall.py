@@ -67,12 +67,16 @@ def task_tokenizer(config, extra_text: list[str] = ()):
 
 
 def _photos(media: Path | None) -> list[Image.Image]:
-    found = []
-    if media is not None and media.exists():
-        found = [Image.open(p).convert("RGB") for p in sorted(media.glob("*.jpg"))]
-    if not found:  # no photographs at hand: a coloured gradient keeps the task well defined
-        ramp = np.linspace(0, 255, 128, dtype=np.uint8)
-        found = [Image.fromarray(np.stack([np.add.outer(ramp, ramp[::-1]) // 2] * 3, -1).astype(np.uint8))]
+    """The background photographs: the package's own unless a folder is given. A folder without photographs is an
+    error naming it: other backgrounds would make other streams, and the demo's verdicts would silently change."""
+    from ..defaults import PHOTOS
+
+    folder = Path(media) if media is not None else PHOTOS
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder of photographs")
+    found = [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.jpg"))]
+    if not found:
+        raise FileNotFoundError(f"{folder}: no photographs (*.jpg) in it")
     return found
 
 

@@ -37,7 +37,6 @@ from ..config import FULL, LINEAR, SLIDING, tiny_config
 from . import comparison, digit_copy, digit_recall, off_task
 from .digit_recall import FRAME, TAGS, FrameMaker, task_tokenizer
 
-MEDIA = Path(__file__).resolve().parents[3] / "shared" / "media" / "mllm_demo" / "mllm_demo_data"
 # Tokens a sliding-window layer sees: a read-back question (12 tokens with the chat markup) and the 16 digits of the
 # last 4 frames fit with room to spare; on the recall task, the question (15 tokens) and the last ~16 frames.
 WINDOW = 32
@@ -421,7 +420,7 @@ class Report:
 def run(
     root: str | Path,
     budget: Budget | None = None,
-    media: Path | None = MEDIA,
+    media: Path | None = None,
     readme: Path | None = None,
     install: Path | None = None,
     command: str = "infinitevl miniature",
@@ -441,7 +440,6 @@ def run(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    media = media if media is not None and media.exists() else None
     resumed = (root / "teacher" / "DONE").exists()  # finished stages of an interrupted run are reused
     data = datasets(root, budget, media, tasks)
     log(f"data ready ({time.perf_counter() - t0:.0f} s)")
