@@ -297,13 +297,13 @@ def test_the_serve_command(model_dir, tmp_path):
 
 
 def readme_serving_blocks() -> list[tuple[str, str]]:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "serving.md").read_text()
     section = text.split("\n## Serving\n", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```(\w+)\n(.*?)```", section, flags=re.S)
 
 
 def test_the_readme_serving_examples_work(model_dir, tmp_path):
-    """The README's Serving section as written: its command's options exist, its curl and openai examples run."""
+    """docs/serving.md's Serving section as written: its command's options exist, its curl and openai examples run."""
     (_, start), (_, calls), (_, python) = readme_serving_blocks()
     args = build_parser().parse_args(shlex.split(start)[1:])
     config = ServerConfig(model_name="infinitevl", api_key=args.api_key, state_dir=tmp_path, media_root=MEDIA)

@@ -20,7 +20,7 @@ from infinitevl.serving import BackgroundServer, ServerConfig, create_app
 
 
 def readme_eval_commands() -> list[str]:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "serving.md").read_text()
     section = text.split("\n## Evaluating with lm-evaluation-harness / lmms-eval\n", 1)[1].split("\n## ", 1)[0]
     block = re.search(r"```bash\n(.*?)```", section, flags=re.S)[1]
     commands = " ".join(line.rstrip("\\") for line in block.splitlines() if not line.startswith("#"))

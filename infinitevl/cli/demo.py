@@ -47,6 +47,8 @@ def run(args) -> int:
         raise CliError("--frames must be at least 16")
     if args.video:
         check_file(args.video, "--video")
+    if args.media and not (Path(args.media).is_dir() and any(Path(args.media).glob("*.jpg"))):
+        raise CliError(f"--media {args.media}: not a folder of photographs (*.jpg)")
     contrast_path = None
     if not args.no_contrast:
         from ..defaults import BUNDLED_SWA_ONLY

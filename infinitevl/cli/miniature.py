@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
         default=None,
         help="folder of photographs (*.jpg) for the backgrounds (default: the ones the package ships)",
     )
-    p.add_argument("--readme", default=None, help="README whose miniature block to rewrite")
+    p.add_argument("--readme", default=None, help="page whose miniature block to rewrite (docs/miniature.md; its figure goes to docs/miniature/)")
     p.add_argument(
         "--install",
         default=None,

@@ -482,11 +482,11 @@ def run(
     report.save(root / "report.json")
     comparison.plot(summary, root / "plots")
     if readme is not None:
-        figure_dir = readme.parent / "docs" / "miniature"
+        figure_dir = readme.parent / "miniature"  # the page is docs/miniature.md, its figure docs/miniature/
         figure_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy(root / "plots" / "miniature.png", figure_dir / "miniature.png")
         table = comparison.markdown(summary, meta)
-        comparison.write_readme(readme, table + "\n\n![miniature](docs/miniature/miniature.png)")
+        comparison.write_readme(readme, table + "\n\n![miniature](miniature/miniature.png)")
         (figure_dir / "results.md").write_text(comparison.results_page(summary, meta, table))
     if install is not None:
         from ..defaults import BUNDLED_NOTE, SWA_ONLY_NOTE
