@@ -1,8 +1,9 @@
 """Sessions survive crashes exactly as acknowledged: a real `infinitevl serve` is killed with SIGKILL in the middle of
 a long video append, and the restarted server has every acknowledged append and nothing of the interrupted one
 (checked against an in-process session fed the same appends). Damaged files (zeros written into the tensor data, a
-flipped byte in the journal) make the session reported as damaged, never used; a record cut short by a crash is
-dropped; restoring a snapshot brings a damaged session back."""
+flipped byte in an acknowledged journal record) make the session reported as damaged, never used; a record cut short
+by a crash before it was acknowledged is dropped; restoring a snapshot brings a damaged session back. More faults
+(failed writes, a second server, tampering): test_serving_faults.py."""
 
 from __future__ import annotations
 
@@ -156,6 +157,7 @@ def test_damaged_files_are_refused_and_snapshots_bring_the_session_back(model_di
         assert http.post(f"/v1/sessions/{sid}/frames", json={"frames": [frame_item(*frames[0])]}).status_code == 200
         snap = http.post(f"/v1/sessions/{sid}/snapshot").json()["id"]
         for item in frames[1:]:
+            shutil.copytree(state_dir, tmp_path / "before_last", dirs_exist_ok=True)
             assert http.post(f"/v1/sessions/{sid}/frames", json={"frames": [frame_item(*item)]}).status_code == 200
         at_snapshot_tokens = next(s for s in http.get(f"/v1/sessions/{sid}").json()["snapshots"])["tokens"]
         tokens = http.get(f"/v1/sessions/{sid}").json()["tokens"]
@@ -165,11 +167,12 @@ def test_damaged_files_are_refused_and_snapshots_bring_the_session_back(model_di
     journal = crashed / "sessions" / f"{sid}.journal"
     assert journal.stat().st_size > 0
 
-    # a record cut short at the end (a crash while writing it): the session without that last change
+    # a record cut short at the end (a crash while writing it, before it was acknowledged): the session without it
     torn = tmp_path / "torn"
     shutil.copytree(crashed, torn)
     with open(torn / "sessions" / f"{sid}.journal", "rb+") as f:
         f.truncate(journal.stat().st_size - 10)
+    shutil.copy(tmp_path / "before_last" / "sessions" / f"{sid}.ack", torn / "sessions" / f"{sid}.ack")
     srv = start(model_dir, torn)
     with httpx.Client(base_url=srv.url, timeout=60) as http:
         assert http.post(f"/v1/sessions/{sid}/ask", json=QUESTION).status_code == 200

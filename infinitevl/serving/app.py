@@ -86,6 +86,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
                 janitor.cancel()
             ctx.scheduler.stop()
             ctx.sessions.save_all()
+            ctx.sessions.close()
 
     app = FastAPI(
         title="InfiniteVL",

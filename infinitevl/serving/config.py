@@ -37,6 +37,9 @@ class ServerConfig:
     # the log into the state file when it outgrows it; "full" rewrites and fsyncs the whole state file; "none"
     # writes only on create, snapshot, idle unloading and shutdown (a crash loses the changes since).
     durability: str = "journal"
+    # Replicas of one deployment (ray_deploy.py) share state_dir: each session is owned by one replica at a time
+    # (a lock that dies with its holder) instead of the whole directory by one server.
+    state_shared: bool = False
     prefill_chunk: int = 256  # tokens prefilled between two batched decode steps (long prompts and appends)
     shutdown_grace: float = 10.0  # seconds open answers get to finish when the server stops; then they end
     allowed_origins: tuple[str, ...] = ()  # CORS: browser origins allowed to call the API ("*": any); none: off

@@ -9,15 +9,23 @@ as tasks; appends are generators that yield after each frame or prefill chunk, s
   before a change and copies it back on any error (a bad frame half way through a video, a failed write).
 - With a state directory (store.py), a change is made durable before it is acknowledged: by default a journal
   record of what it wrote, fsynced (`durability="journal"`); or the whole state file (`"full"`); or, with
-  `"none"`, only on create, snapshot, idle unloading and shutdown. At start-up every session found there is listed
-  again and loaded on first use. A session whose files fail their checksums is reported as damaged and refused
-  until it is restored from a snapshot or deleted.
+  `"none"`, only on create, snapshot, idle unloading and shutdown. A change whose write fails is answered 507 and
+  leaves both the session and its files as before (its sequence number is not used up). At start-up every session
+  found there is listed again and its files are checked (then loaded again on first use): a session whose files
+  fail their checks, or hold fewer changes than were acknowledged, is reported as damaged by `info` and the
+  server's health from then on, and refused until it is restored from a snapshot or deleted.
+- `config.state_shared` (replicas of one deployment on one state directory, ray_deploy.py): a session is owned by
+  one replica at a time, the one holding its lock (store.py) while it is in memory; any replica finds any session
+  on disk, takes its lock (asking the holder to hand it over, `release_requested`) and reads it back with every
+  acknowledged change. A created session is written and released at once: its first use loads it where the
+  router sends its requests.
 - At most `max_sessions` sessions exist (in memory or on disk). A session unused for `session_idle_timeout`
   seconds leaves memory: saved and unloaded with a state directory (its next use loads it back), deleted without.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -38,11 +46,13 @@ from ..state import InfiniteVLState
 from .config import ServerConfig
 from .errors import APIError
 from .prefill import text_steps
-from .store import Damaged, SessionStore
+from .store import Damaged, FileLock, SessionStore, StoreBusy
 
 log = logging.getLogger("infinitevl.serving")
 SESSION_ID = re.compile(r"^sess_[0-9a-f]{24}$")
-SIDECAR_FORMAT = "infinitevl-session/2"
+SIDECAR_FORMAT = "infinitevl-session/3"  # /3: the settings file has a checksum and the journal an ack file
+OLD_FORMATS = ("infinitevl-session/2",)
+HANDOFF_WAIT = 20.0  # seconds a replica waits for another to hand a session over
 COUNTERS = ("tokens", "frames", "images", "videos", "questions", "state_bytes", "ingest_seconds")
 NO_RETRY = {"x-should-retry": "false"}  # the openai client would otherwise retry a 409
 
@@ -69,12 +79,15 @@ class ServedSession:
     dirty: bool = False  # changed since the last write
     seq: int = 0  # journal records written
     damage: str | None = None
+    lock: FileLock | None = None  # held while in memory, with a shared state directory
+    fold: bool = False  # a failed write may have left the journal untidy: the next change writes the state file
 
 
 class SessionRegistry:
     def __init__(self, engine, config: ServerConfig, metrics=None):
         self.engine, self.config, self.metrics = engine, config, metrics
-        self.store = SessionStore(config.state_dir) if config.state_dir is not None else None
+        self.shared = config.state_dir is not None and config.state_shared
+        self.store = SessionStore(config.state_dir, shared=self.shared) if config.state_dir is not None else None
         self._sessions: dict[str, ServedSession] = {}
         self._lock = threading.Lock()  # guards the dict against readers on other threads
         self._backup: InfiniteVLState | None = None
@@ -82,6 +95,8 @@ class SessionRegistry:
 
     # -- reading (any thread) --------------------------------------------------------------------------------------
     def ids(self) -> list[str]:
+        if self.shared:  # other replicas create sessions too
+            return self.store.session_ids()
         with self._lock:
             return list(self._sessions)
 
@@ -104,6 +119,9 @@ class SessionRegistry:
         if stream is not None:
             counters = {**stream.stats.as_dict(), "fps": stream.stats.recent_fps}
         else:
+            if self.shared and s.damage is None:  # another replica may have changed it since
+                with contextlib.suppress(OSError, Damaged, ValueError):  # damage is found when it is loaded
+                    s.counters = self._stored_counters(self.store.counters(s.id))
             counters = {**s.counters, "fps": 0.0, "tokens_per_second": 0.0}
         return {
             "id": s.id,
@@ -120,7 +138,8 @@ class SessionRegistry:
 
     # -- changing (worker thread) ----------------------------------------------------------------------------------
     def create(self, system_prompt: str | None, frame_size: int | None) -> str:
-        if len(self._sessions) >= self.config.max_sessions:
+        count = len(self.store.session_ids()) if self.shared else len(self._sessions)
+        if count >= self.config.max_sessions:
             raise APIError(
                 403,
                 f"the session limit ({self.config.max_sessions}) is reached; delete a session "
@@ -132,8 +151,12 @@ class SessionRegistry:
         s = ServedSession("sess_" + secrets.token_hex(12), now, system_prompt or None, size, now)
         s.stream = self._new_stream(system_prompt or None, size)
         if self.store is not None:
+            if self.shared:
+                s.lock = self.store.lock_session(s.id)
             self.store.write_state(s.id, s.stream, 0)
             self._write_sidecar(s)
+            if self.shared:  # its requests may be routed to another replica: on disk until its first use
+                self._unload(s)
         with self._lock:
             self._sessions[s.id] = s
         return s.id
@@ -215,24 +238,30 @@ class SessionRegistry:
             stream.state.copy_(snap.state)
             stream.segment = copy.copy(snap.segment)
         else:
+            self._own(s)
             try:  # loaded first, swapped after
                 stream, _ = self.store.read(s.id, self.store.snapshot_path(s.id, snap.id), self._restorer(s))
             except Damaged as err:
                 raise APIError(409, f"snapshot {snapshot_id} is damaged: {err}", code="snapshot_damaged") from err
         self._apply_counters(stream, snap.counters)
-        s.stream, s.last_used, s.damage = stream, time.time(), None
         if self.store is not None:
+            self.store.write_state(s.id, stream, s.seq + 1)
             s.seq += 1
-            self.store.write_state(s.id, stream, s.seq)
         else:
             s.dirty = True
+        s.stream, s.last_used, s.damage, s.fold = stream, time.time(), None, False
 
     def delete(self, session_id: str) -> None:
         s = self._get(session_id)
+        if self.shared:
+            self._own(s)
         with self._lock:
             del self._sessions[s.id]
         if self.store is not None:
             self.store.delete(s.id)
+            if s.lock is not None:
+                self.store.delete_lock(s.id)
+                s.lock.release()
 
     def expire_idle(self, now: float | None = None) -> list[str]:
         """Unload (with a state directory) or delete (without) sessions idle past the limit; returns their ids."""
@@ -246,56 +275,104 @@ class SessionRegistry:
             if self.store is None:
                 self.delete(s.id)
             else:
-                self._save(s)
-                s.stream = None
+                self._unload(s)
         return [s.id for s in idle]
 
     def save_all(self) -> None:
         with self._lock:
             sessions = list(self._sessions.values())
         for s in sessions:
-            if s.dirty and s.stream is not None and self.store is not None:
-                self._save(s)
+            if s.stream is not None and self.store is not None and (s.dirty or self.shared):
+                self._unload(s)
+
+    def close(self) -> None:
+        """Give up the state directory (after `save_all`)."""
+        if self.store is not None:
+            self.store.close()
+
+    def release_requested(self) -> list[str]:
+        """Replicas: save and unload the sessions another replica asked for (their requests now go there)."""
+        with self._lock:
+            held = [s for s in self._sessions.values() if s.lock is not None]
+        released = [s for s in held if self.store.handoff_requested(s.id)]
+        for s in released:
+            self._unload(s)
+        return [s.id for s in released]
 
     def load_index(self) -> None:
-        """List the sessions saved in the state directory (their states load, and are verified, on first use)."""
+        """List the sessions saved in the state directory and check their files (damage is reported from now on,
+        not found on first use). Replicas check the sessions no other replica holds."""
         if self.store is None:
             return
-        fingerprint = self.engine.model.config.fingerprint()
-        for sidecar in self.store.sidecars():
+        for sid in self.store.session_ids():
+            lock = None
+            if self.shared:
+                try:
+                    lock = self.store.lock_session(sid)
+                except StoreBusy:
+                    continue  # held (and checked) by a live replica
             try:
-                meta = json.loads(sidecar.read_text())
-                if meta.get("format") != SIDECAR_FORMAT or not SESSION_ID.match(meta["id"]):
-                    raise ValueError("not a session sidecar")
-                s = ServedSession(
-                    meta["id"], meta["created"], meta["system_prompt"], meta["frame_size"], meta["last_used"]
-                )
-                s.snapshots = [Snapshot(x["id"], x["created"], x["counters"]) for x in meta["snapshots"]]
-            except Exception as err:
-                log.warning("skipping %s: %s", sidecar.name, err)
-                continue
-            try:
-                saved = InfiniteVLState.read_metadata(self.store.state_path(s.id))
-                if json.loads(saved["fingerprint"]) != fingerprint:
-                    log.warning("skipping session %s: saved for a different model", s.id)
-                    continue
-                s.counters = self._stored_counters(self.store.counters(s.id))
-            except Damaged as err:
-                s.damage = str(err)
-                log.error("session %s is damaged: %s", s.id, err)
-            except Exception as err:
-                s.damage = f"{s.id}.safetensors cannot be read ({type(err).__name__})"
-                log.error("session %s is damaged: %s", s.id, err)
-            with self._lock:
-                self._sessions[s.id] = s
+                s = self._from_disk(sid, verify=True)
+            finally:
+                if lock is not None:
+                    lock.release()
+            if s is not None:
+                with self._lock:
+                    self._sessions[s.id] = s
         log.info("%d saved sessions found in %s", len(self._sessions), self.store.root)
 
     # -- internals -------------------------------------------------------------------------------------------------
     def _get(self, session_id: str) -> ServedSession:
         with self._lock:
             s = self._sessions.get(session_id) if SESSION_ID.match(session_id) else None
+        if s is None and self.shared and SESSION_ID.match(session_id):  # created by another replica
+            s = self._from_disk(session_id)
+            if s is not None:
+                with self._lock:
+                    s = self._sessions.setdefault(s.id, s)
         if s is None:
             raise APIError(404, f"no session {session_id!r}", code="session_not_found")
+        return s
+
+    def _from_disk(self, sid: str, verify: bool = False) -> ServedSession | None:
+        """A session as its files describe it (unloaded), damaged if they fail their checks; with `verify`, its
+        state and journal are read through. None: not a session (a create that never finished, another model)."""
+        store = self.store
+        try:
+            meta = store.read_sidecar(sid)
+            if meta.get("format") not in (SIDECAR_FORMAT, *OLD_FORMATS) or meta.get("id") != sid:
+                raise Damaged(f"{sid}.json is not a session's settings file")
+            if meta["format"] == SIDECAR_FORMAT and "checksum" not in json.loads(store.sidecar_path(sid).read_text()):
+                raise Damaged(f"{sid}.json has lost its checksum")
+            s = ServedSession(sid, meta["created"], meta["system_prompt"], meta["frame_size"], meta["last_used"])
+            s.snapshots = [Snapshot(x["id"], x["created"], x["counters"]) for x in meta["snapshots"]]
+        except (Damaged, KeyError, TypeError) as err:
+            if not store.sidecar_path(sid).exists() and not store.journal_bytes(sid) and not _acked(store, sid):
+                log.warning("session %s: removing the files of a create that never finished", sid)
+                store.delete(sid)
+                return None
+            s = ServedSession(sid, 0.0, None, self.config.frame_size, 0.0)
+            s.damage = str(err) if isinstance(err, Damaged) else f"{sid}.json lacks {err}"
+            log.error("session %s is damaged: %s", sid, s.damage)
+            return s
+        try:
+            if meta["format"] == SIDECAR_FORMAT and not store.ack_path(sid).exists():
+                raise Damaged(f"{sid}.ack (the number of acknowledged changes) is missing")
+            saved = InfiniteVLState.read_metadata(store.state_path(sid))
+            if json.loads(saved["fingerprint"]) != self.engine.model.config.fingerprint():
+                log.warning("skipping session %s: saved for a different model", sid)
+                return None
+            if verify:
+                stream, _ = store.read(sid, store.state_path(sid), self._restorer(s))
+                s.counters = self._counters_of(stream)
+            else:
+                s.counters = self._stored_counters(store.counters(sid))
+        except Damaged as err:
+            s.damage = str(err)
+        except Exception as err:
+            s.damage = f"{sid}.safetensors cannot be read ({type(err).__name__})"
+        if s.damage is not None:
+            log.error("session %s is damaged: %s", sid, s.damage)
         return s
 
     def _mutate(self, session_id: str, change: Callable[[StreamSession], object]) -> Generator:
@@ -309,7 +386,11 @@ class SessionRegistry:
             result = change(stream)
             if inspect.isgenerator(result):
                 result = yield from result
-            self._commit(s, stream)
+            try:
+                self._commit(s, stream)
+            except OSError:
+                s.fold = True
+                raise
         except BaseException as err:
             stream.state.copy_(self._backup)
             stream.segment, stream.stats = segment, stats
@@ -330,11 +411,13 @@ class SessionRegistry:
             s.dirty = True
             return
         t0 = time.perf_counter()
-        s.seq += 1
-        if mode == "full" or self.store.journal_bytes(s.id) >= self.store.state_bytes(s.id):
-            self.store.write_state(s.id, stream, s.seq)
+        seq = s.seq + 1  # used up only once written: a failed write leaves the files as they were
+        if mode == "full" or s.fold or self.store.journal_bytes(s.id) >= self.store.state_bytes(s.id):
+            self.store.write_state(s.id, stream, seq)
+            s.fold = False
         else:
-            self.store.append(s.id, stream, self._backup, s.seq)
+            self.store.append(s.id, stream, self._backup, seq)
+        s.seq = seq
         if self.metrics is not None:
             self.metrics.session_write_seconds.observe(time.perf_counter() - t0)
 
@@ -342,6 +425,9 @@ class SessionRegistry:
         if s.damage is not None:
             raise _damaged(s)
         if s.stream is None:
+            self._own(s)
+            if s.damage is not None:
+                raise _damaged(s)
             try:
                 s.stream, s.seq = self.store.read(s.id, self.store.state_path(s.id), self._restorer(s))
             except Damaged as err:
@@ -349,6 +435,41 @@ class SessionRegistry:
                 log.error("session %s is damaged: %s", s.id, err)
                 raise _damaged(s) from err
         return s.stream
+
+    def _own(self, s: ServedSession) -> None:
+        """Replicas: hold the session's lock (asking its holder to hand it over), then take its settings as they
+        are on disk now (another replica may have changed them since)."""
+        if not self.shared or s.lock is not None:
+            return
+        try:
+            s.lock = self.store.lock_session(s.id)
+        except StoreBusy:
+            self.store.request_handoff(s.id)
+            try:
+                s.lock = self.store.lock_session(s.id, timeout=HANDOFF_WAIT)
+            except StoreBusy:
+                raise APIError(
+                    503, f"session {s.id} is held by another replica that did not hand it over; retry",
+                    code="session_busy", headers={"Retry-After": "1"},
+                ) from None  # fmt: skip
+        self.store.clear_handoff(s.id)
+        fresh = self._from_disk(s.id)
+        if fresh is None:
+            s.lock.release()
+            s.lock = None
+            with self._lock:
+                self._sessions.pop(s.id, None)
+            raise APIError(404, f"no session {s.id!r}", code="session_not_found")
+        s.system_prompt, s.frame_size, s.snapshots = fresh.system_prompt, fresh.frame_size, fresh.snapshots
+        s.counters, s.damage, s.stream, s.fold = fresh.counters, fresh.damage, None, False
+
+    def _unload(self, s: ServedSession) -> None:
+        """Save and leave memory (and, on a replica, let go of the session)."""
+        self._save(s)
+        s.stream = None
+        if s.lock is not None:
+            s.lock.release()
+            s.lock = None
 
     def _restorer(self, s: ServedSession) -> Callable:
         e = self.engine
@@ -370,15 +491,16 @@ class SessionRegistry:
                 setattr(st, k, counters[k])
         st.tokens, st.state_bytes = int(stream.state.num_tokens[0]), stream.state.nbytes
 
+    def _counters_of(self, stream: StreamSession) -> dict:
+        stats = stream.stats.as_dict()
+        return {k: stats[k] for k in COUNTERS}
+
     def _stored_counters(self, meta: dict) -> dict:
         counters = json.loads(meta.get("counters", "{}"))
         return {**counters, "tokens": int(meta.get("tokens", 0)), "state_bytes": self._state_nbytes}
 
     def _counters(self, s: ServedSession) -> dict:
-        if s.stream is None:
-            return dict(s.counters)
-        stats = s.stream.stats.as_dict()
-        return {k: stats[k] for k in COUNTERS}
+        return dict(s.counters) if s.stream is None else self._counters_of(s.stream)
 
     def _snapshot_info(self, s: ServedSession, snap: Snapshot) -> dict:
         return {
@@ -391,10 +513,12 @@ class SessionRegistry:
 
     def _save(self, s: ServedSession) -> None:
         """The whole state file, then the sidecar (unloading, shutdown)."""
-        if s.stream is not None and s.damage is None:
+        if s.damage is not None:
+            return  # its files stay as they are, to be restored from a snapshot or deleted
+        if s.stream is not None:
+            self.store.write_state(s.id, s.stream, s.seq + 1)
             s.seq += 1
-            self.store.write_state(s.id, s.stream, s.seq)
-            s.counters, s.dirty = self._counters(s), False
+            s.counters, s.dirty, s.fold = self._counters(s), False, False
         self._write_sidecar(s)
 
     def _write_sidecar(self, s: ServedSession) -> None:
@@ -410,6 +534,14 @@ class SessionRegistry:
                 "snapshots": [{"id": x.id, "created": x.created, "counters": x.counters} for x in s.snapshots],
             },
         )
+
+
+def _acked(store: SessionStore, sid: str) -> bool:
+    """Whether any change of the session past its creation was acknowledged (or its ack file is unreadable)."""
+    try:
+        return bool(store.read_ack(sid))
+    except Damaged:
+        return True
 
 
 def _damaged(s: ServedSession) -> APIError:
