@@ -46,6 +46,18 @@ def add_parser(sub) -> None:
         help="CORS: comma-separated browser origins allowed to call the API ('*': any; default: none)",
     )
     g.add_argument(
+        "--allowed-hosts",
+        default="",
+        help="without --api-key the server answers only loopback Host names (against DNS rebinding): "
+        "comma-separated names to answer too ('*': any), to expose it deliberately",
+    )
+    g.add_argument(
+        "--stream-stall-timeout",
+        type=float,
+        default=d.stream_stall_timeout,
+        help="seconds a streamed answer whose client stopped reading stays paused before it is dropped",
+    )
+    g.add_argument(
         "--shutdown-grace",
         type=float,
         default=d.shutdown_grace,
@@ -141,9 +153,14 @@ def run(args) -> int:
             prefill_chunk=args.prefill_chunk,
             shutdown_grace=args.shutdown_grace,
             allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
+            allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()),
+            stream_stall_timeout=args.stream_stall_timeout,
         )
     except ValueError as err:
         raise CliError(str(err)) from err
+    from ..serving.app import bound_onednn_cache
+
+    bound_onednn_cache(config.onednn_cache_capacity)  # before the model first runs
     engine = load_engine(args)
     print(
         f"serving {name!r} on {args.host}:{args.port or '(a free port)'} "

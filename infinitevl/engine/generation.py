@@ -19,13 +19,15 @@ from .prefill import DEFAULT_CHUNK, prefill, prefill_steps  # noqa: F401 (part o
 
 @dataclass
 class SamplingParams:
-    """temperature 0 means greedy; top_k 0 and top_p 1 disable those filters."""
+    """temperature 0 means greedy (and so does any temperature below GREEDY_BELOW); top_k 0, top_p 1 and min_p 0
+    disable those filters."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
@@ -46,6 +48,8 @@ class SamplingParams:
             problems.append(f"top_p must be in (0, 1] (got {self.top_p})")
         if self.repetition_penalty <= 0:
             problems.append(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+        if not 0 <= self.min_p <= 1:
+            problems.append(f"min_p must be in [0, 1] (got {self.min_p})")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -76,7 +80,9 @@ class Sampler:
             self.generator = torch.Generator().manual_seed(self.params.seed)
 
     def __call__(self, logits: torch.Tensor, history: list[list[int]] | None = None) -> torch.Tensor:
-        """logits [B, V] -> token ids [B]; `history` (per row) feeds the repetition penalty."""
+        """logits [B, V] -> token ids [B]; `history` (per row) feeds the repetition penalty. Any parameters that
+        validate give a token: extreme ones (a temperature of 1e-300, a penalty that overflows the logits) never
+        reach the multinomial as NaN or an all-zero row, and the most likely token always stays a candidate."""
         p = self.params
         logits = logits.float().clone()
         if p.repetition_penalty != 1.0 and history:
@@ -85,21 +91,38 @@ class Sampler:
                     idx = torch.tensor(sorted(set(seen)), device=logits.device)
                     vals = logits[b, idx]
                     logits[b, idx] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if p.temperature == 0:
+        logits = logits.nan_to_num(nan=float("-inf"))  # overflowed penalties become +-inf, never NaN
+        if p.temperature < GREEDY_BELOW:
             return logits.argmax(-1)
         logits = logits / p.temperature
         if p.top_k:
             kth = logits.topk(min(p.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = _probabilities(logits)
         if p.top_p < 1.0:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            probs = sorted_logits.softmax(-1)
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
             # drop a token when the tokens ranked before it already cover top_p (the top one always stays)
-            drop = probs.cumsum(-1) - probs >= p.top_p
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-        probs = logits.softmax(-1).cpu()
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1).to(logits.device)
+            drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
+            drop[..., 0] = False
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+        if p.min_p > 0:
+            probs = probs.masked_fill(probs < p.min_p * probs.amax(-1, keepdim=True), 0.0)
+        return torch.multinomial(probs.cpu(), 1, generator=self.generator).squeeze(-1).to(logits.device)
+
+
+GREEDY_BELOW = 1e-5  # a smaller temperature samples the top token anyway (and 1/temperature would overflow)
+
+
+def _probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dimension that stays a distribution for any logits: +inf logits share the mass, and a
+    row whose logits are all -inf (every token masked) falls back to its first token."""
+    top = logits.amax(-1, keepdim=True)
+    shifted = (logits - top.clamp(min=torch.finfo(logits.dtype).min)).exp()
+    probs = torch.where(top.isposinf(), (logits == top).to(logits.dtype), shifted)
+    probs = probs.nan_to_num(nan=0.0)
+    empty = probs.sum(-1, keepdim=True) <= 0
+    probs[..., :1] = torch.where(empty, 1.0, probs[..., :1])
+    return probs / probs.sum(-1, keepdim=True)
 
 
 class TokenGenerator:

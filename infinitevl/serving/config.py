@@ -43,11 +43,25 @@ class ServerConfig:
     prefill_chunk: int = 256  # tokens prefilled between two batched decode steps (long prompts and appends)
     shutdown_grace: float = 10.0  # seconds open answers get to finish when the server stops; then they end
     allowed_origins: tuple[str, ...] = ()  # CORS: browser origins allowed to call the API ("*": any); none: off
+    # Host names answered without an API key besides loopback ones ("*": any); with a key every Host is answered
+    allowed_hosts: tuple[str, ...] = ()
+    stream_stall_timeout: float = 30.0  # seconds a streamed answer whose client stopped reading stays paused
+    send_buffer_bytes: int = 64 * 1024  # kernel send buffer per connection (bounds what a non-reader is sent)
+    header_timeout: float = 10.0  # seconds a connection may take to send a request's headers (then closed)
+    body_timeout: float = 60.0  # seconds a request's body may take to arrive (then 408)
+    max_connections: int = 1024  # open connections; beyond them new requests get 503
+    max_prompts: int = 64  # prompts in one completions request (each is a generation in the queue)
+    max_messages: int = 1024  # messages in one chat request
+    max_content_parts: int = 1024  # text, image and video parts in one chat request, all messages together
+    # oneDNN's cache of compiled kernels, one per input shape: bounded so that prompts of many lengths do not grow
+    # the process without bound (torch's own default is 1024 entries)
+    onednn_cache_capacity: int = 256
     max_logprobs: int = 20  # top_logprobs / logprobs per token
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("max_queue", "max_batch", "max_sessions", "max_snapshots", "max_body_bytes", "max_request_tokens"):
+        for name in ("max_queue", "max_batch", "max_sessions", "max_snapshots", "max_body_bytes", "max_request_tokens",
+                     "max_connections", "max_prompts", "max_messages", "max_content_parts"):  # fmt: skip
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.default_max_tokens < 1:
@@ -60,11 +74,17 @@ class ServerConfig:
             problems.append(f"durability must be one of {', '.join(DURABILITY)} (got {self.durability!r})")
         if self.prefill_chunk < 16:
             problems.append(f"prefill_chunk must be >= 16 tokens (got {self.prefill_chunk})")
+        for name in ("stream_stall_timeout", "header_timeout", "body_timeout"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be > 0 seconds (got {getattr(self, name)})")
+        if self.onednn_cache_capacity < 0:
+            problems.append(f"onednn_cache_capacity must be >= 0 (got {self.onednn_cache_capacity})")
         if self.shutdown_grace < 0:
             problems.append(f"shutdown_grace must be >= 0 seconds (got {self.shutdown_grace})")
         if problems:
             raise ValueError("; ".join(problems))
         self.allowed_origins = tuple(self.allowed_origins)
+        self.allowed_hosts = tuple(self.allowed_hosts)
         self.state_dir = Path(self.state_dir) if self.state_dir is not None else None
         self.media_root = Path(self.media_root).resolve(strict=True) if self.media_root is not None else None
         if self.session_idle_timeout is not None and self.session_idle_timeout <= 0:

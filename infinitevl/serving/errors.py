@@ -110,12 +110,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return internal_error().response()
 
 
-def internal_error() -> APIError:
-    """A 500 that says nothing about the server's insides; the log has the traceback under the request id."""
+def internal_error(request_id: str | None = None) -> APIError:
+    """A 500 that says nothing about the server's insides; the log has the traceback under the request id (the
+    current request's, unless given: the model's worker thread runs outside any request)."""
     from .observability import current_request_id
 
+    rid = request_id or current_request_id() or "-"
     return APIError(
         500,
-        f"internal server error (request id {current_request_id() or '-'}); the server log has the details",
+        f"internal server error (request id {rid}); the server log has the details",
         code="internal_error",
     )

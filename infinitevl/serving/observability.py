@@ -14,7 +14,7 @@ import re
 import secrets
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("infinitevl_request_id", default=None)
@@ -87,7 +87,11 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes and the like (Linux)
         p = "infinitevl_"
+        self.onednn_cache_capacity = Gauge(
+            p + "onednn_primitive_cache_capacity", "oneDNN kernels kept (ONEDNN_PRIMITIVE_CACHE_CAPACITY)", registry=r
+        )
         self.queue_depth = Gauge(p + "queue_depth", "requests waiting for the model", registry=r)
         self.active_streams = Gauge(p + "active_streams", "generations being decoded", registry=r)
         self.sessions = Gauge(p + "sessions", "streaming sessions (in memory or on disk)", registry=r)

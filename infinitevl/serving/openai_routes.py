@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..engine.generation import SamplingParams
 from .errors import APIError
+from .observability import current_request_id
 from .prefill import prompt_steps
 from .prompts import chat_prompt, check_supported, completion_budget, completion_prompts, prompt_tensor
 from .responses import Reply, respond
@@ -134,12 +135,49 @@ def token_text(engine):
     return lambda token: decode([token], skip_special_tokens=False)
 
 
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE spells byte b as one printable character: itself when printable, else chr(256 + k) for the
+    k-th non-printable byte. Returns character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    spelled = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in spelled]
+    spelled.update({b: chr(256 + k) for k, b in enumerate(others)})
+    return {c: b for b, c in spelled.items()}
+
+
+_TOKEN_BYTES: dict[int, object] = {}
+
+
+def token_bytes(engine):
+    """token id -> the token's own UTF-8 bytes (OpenAI's `bytes`): a token holding part of a character gives its
+    bytes, not the replacement character's."""
+    processor = engine.processor
+    if id(processor) in _TOKEN_BYTES:
+        return _TOKEN_BYTES[id(processor)]
+    tok, text = processor.tokenizer, token_text(engine)
+    backend = getattr(tok, "backend_tokenizer", None)
+    byte_level = backend is not None and type(backend.decoder).__name__ == "ByteLevel"
+    alphabet, added = _byte_alphabet(), set(tok.get_added_vocab())
+
+    def of(token: int) -> list[int]:
+        piece = tok.convert_ids_to_tokens(token)
+        if byte_level and piece not in added and all(c in alphabet for c in piece):
+            return [alphabet[c] for c in piece]
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # byte fallback (SentencePiece)
+            return [int(piece[3:5], 16)]
+        return list(text(token).encode("utf-8"))
+
+    _TOKEN_BYTES[id(processor)] = of
+    return of
+
+
 def chat_reply(ctx, body: SamplingFields, logprobs: bool = False) -> Reply:
     return Reply(
         "chat",
         ctx.config.model_name,
         ctx.engine.note,
         token_text(ctx.engine),
+        token_bytes=token_bytes(ctx.engine),
         logprobs=logprobs,
         stream=body.stream,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
@@ -148,6 +186,7 @@ def chat_reply(ctx, body: SamplingFields, logprobs: bool = False) -> Reply:
 
 def new_generation(ctx, req: SamplingFields, prepare, max_new_tokens: int, history=None, top_logprobs=None):
     model = ctx.engine.model
+    tokenizer = ctx.engine.processor.tokenizer
     return Generation(
         handle=GenerationHandle(asyncio.get_running_loop()),
         prepare=prepare,
@@ -155,6 +194,10 @@ def new_generation(ctx, req: SamplingFields, prepare, max_new_tokens: int, histo
         decode_text=ctx.engine.processor.decode,
         stop_token_ids=frozenset(model.config.eos_token_ids),
         n=req.n,
+        backend=getattr(tokenizer, "backend_tokenizer", None),
+        min_tokens=min(req.min_tokens, max_new_tokens),
+        ignore_eos=req.ignore_eos,
+        request_id=current_request_id(),
         adjust=Adjustments(
             logit_bias(req.logit_bias, model.config.text.vocab_size), req.presence_penalty, req.frequency_penalty
         ),
@@ -171,6 +214,7 @@ def sampling_params(req: SamplingFields, max_new_tokens: int) -> SamplingParams:
         top_k=req.top_k or 0,
         top_p=req.top_p if req.top_p is not None else 1.0,
         repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else 1.0,
+        min_p=req.min_p or 0.0,
         stop_strings=stops,
         seed=req.seed,
     )

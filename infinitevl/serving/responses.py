@@ -48,6 +48,7 @@ class Reply:
     note: str | None
     token_text: Callable[[int], str]  # one token's text (for log-probabilities)
     logprobs: bool = False  # log-probabilities were asked for
+    token_bytes: Callable[[int], list[int]] | None = None  # a token's own bytes (default: its text's)
     echo: str | None = None  # completions with echo: the prompt's text
     echo_ids: list[int] | None = None  # and its token ids
     stream: bool = False
@@ -234,7 +235,8 @@ async def _sse(
 def _chat_logprobs(tokens: list[TokenInfo] | None, reply: Reply) -> ChoiceLogprobs:
     def top(token: int, logprob: float) -> TopLogprob:
         text = reply.token_text(token)
-        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+        raw = reply.token_bytes(token) if reply.token_bytes is not None else list(text.encode("utf-8"))
+        return TopLogprob(token=text, logprob=logprob, bytes=raw)
 
     content = []
     for t in tokens or []:

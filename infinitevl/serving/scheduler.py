@@ -10,7 +10,14 @@ most one step of the job in progress between two of its tokens.
 
 Active generations live in the rows [0, active) of a pooled state of `max_batch` rows; a generation with `n`
 choices is admitted when `n` rows are free, its prompt prefilled once into the first free row and copied into the
-others. A finished or cancelled choice's row is overwritten by the last active row, so rows stay contiguous.
+others. Generations are admitted in arrival order: a later one never passes an earlier one waiting for rows (tasks,
+which need none, may). A finished or cancelled choice's row is overwritten by the last active row, so rows stay
+contiguous. A choice whose streaming client has stopped reading (events piling up unread) is moved behind the others
+and skipped by the decode steps; paused for `stall_timeout` seconds, it is dropped with an error.
+
+Failures are contained: an exception while preparing or sampling a request fails that request alone (the others go
+on); only a failure of the batched model step itself fails every running answer. If the worker thread ends for any
+other reason, what is queued or running gets a 503 at once, new work is refused, and `alive` (and `/health`) say so.
 `drain` (the server is stopping) refuses new work, fails what is queued, lets the running answers go on until a
 deadline and then ends them with an error event. Not here: HTTP, media decoding, sessions.
 """
@@ -36,6 +43,8 @@ from .sampling import ChoiceState, Event, Generation
 
 log = logging.getLogger("infinitevl.serving")
 SHUTTING_DOWN = "the server is shutting down"
+WORKER_DEAD = "the model worker has stopped; the server must be restarted (see its log)"
+MAX_UNREAD = 64  # events a streaming client may leave unread before its answer is paused
 
 
 def rows(state: InfiniteVLState, start: int, stop: int) -> InfiniteVLState:
@@ -68,11 +77,13 @@ class _Prefill:
 
 
 class Scheduler:
-    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, metrics=None):
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, metrics=None, stall_timeout: float = 30.0):
         self.model = model
         self.max_batch, self.max_queue = max_batch, max_queue
         self.metrics = metrics
+        self.stall_timeout = stall_timeout  # seconds a paused stream (its client does not read) keeps its row
         self.pool = model.new_state(max_batch)  # [max_batch] rows; rows [0, len(active)) are in use
+        self._spare = model.new_state(1)  # for swapping two rows
         self._pending: deque[_Task | Generation] = deque()
         self._current: _Task | _Prefill | None = None
         self._active: list[ChoiceState] = []
@@ -80,6 +91,7 @@ class Scheduler:
         self._stopping = False  # the worker ends
         self._draining: float | None = None  # deadline (monotonic) for the running answers
         self._thread: threading.Thread | None = None
+        self._dead = False  # the worker thread has ended
         self.counters = dict(decode_steps=0, decoded_tokens=0, prefill_chunks=0, completed=0, cancelled=0, rejected=0)
 
     # -- requester side ----------------------------------------------------------------------------------------------
@@ -95,8 +107,13 @@ class Scheduler:
     def draining(self) -> bool:
         return self._draining is not None
 
+    @property
+    def alive(self) -> bool:
+        """The worker thread runs (False before `start` and after it ended, for whatever reason)."""
+        return self._thread is not None and self._thread.is_alive() and not self._dead
+
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="infinitevl-worker", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="infinitevl-worker", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -147,6 +164,8 @@ class Scheduler:
         with self._cv:
             if self._stopping or self._draining is not None:
                 raise APIError(503, SHUTTING_DOWN, code="shutting_down")
+            if self._dead:
+                raise APIError(503, WORKER_DEAD, code="worker_dead")
             if not internal and len(self._pending) >= self.max_queue:
                 self.counters["rejected"] += 1
                 raise APIError(
@@ -171,6 +190,23 @@ class Scheduler:
             job.handle.post(Event("cancelled"))  # its handler is waiting for the prefill: it returns now
 
     # -- worker side ---------------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        """The worker thread. Whatever ends it (normally `stop`, or an exception no request could be blamed for),
+        what is queued or running is failed, and new work is refused from then on (`alive` is False)."""
+        try:
+            self._loop()
+        except BaseException:
+            log.critical("the model worker stopped", exc_info=True)
+            raise
+        finally:
+            stopping = self._stopping
+            with self._cv:
+                self._dead = True
+            err = APIError(
+                503, SHUTTING_DOWN if stopping else WORKER_DEAD, code="shutting_down" if stopping else "worker_dead"
+            )
+            self._fail_all(err)
+
     def _loop(self) -> None:
         torch.set_grad_enabled(False)  # per thread
         while True:
@@ -181,15 +217,17 @@ class Scheduler:
                     break
                 if self._current is None:
                     self._current = self._take_job()
+                idle = self._current is None
             if self._current is not None:
                 self._advance()
             self._cut_if_past_deadline()
-            if self._active:
-                self._step()
-        self._fail_all(APIError(503, SHUTTING_DOWN, code="shutting_down"))
+            if self._active and self._step() == 0 and idle:
+                with self._cv:  # every stream is paused (nobody reads): wait for readers, not in a busy loop
+                    self._cv.wait(0.02)
 
     def _take_job(self) -> _Task | _Prefill | None:
-        """The oldest job that can run now: any task, a generation only while it has enough free rows."""
+        """The oldest job that can run now, in order: tasks need no rows and may pass a waiting generation, but
+        no generation passes an older one that waits for rows (so a request for many rows is not starved)."""
         for i, job in enumerate(self._pending):
             if isinstance(job, _Task):
                 del self._pending[i]
@@ -197,6 +235,11 @@ class Scheduler:
             if len(self._active) + job.n <= self.max_batch:
                 del self._pending[i]
                 return _Prefill(job, len(self._active))
+            break
+        for i, job in enumerate(self._pending):
+            if isinstance(job, _Task):
+                del self._pending[i]
+                return job
         return None
 
     def _advance(self) -> None:
@@ -245,13 +288,15 @@ class Scheduler:
                 if not inspect.isgenerator(result):
                     self._admit(job, result)
                     return True
-                job.steps = result
-            next(job.steps)
-            return False
-        except StopIteration as stop:
-            self._admit(job, stop.value)
-        except Exception as err:
-            self._fail_job(gen, _as_api_error(err))
+                job.steps = result  # checked below: a failing first chunk is this request's failure
+            try:
+                next(job.steps)
+                return False
+            except StopIteration as stop:
+                self._admit(job, stop.value)
+        except Exception as err:  # this request's alone: the others go on
+            self._fail_job(gen, _as_api_error(err, gen.request_id))
+            self._active = [c for c in self._active if c.gen is not gen]  # admitted in part
         return True
 
     def _admit(self, job: _Prefill, result) -> None:
@@ -279,25 +324,31 @@ class Scheduler:
         if all(c.done for c in gen.choices):
             self._finished(gen)
 
-    def _step(self) -> None:
-        """One batched decode step over every active choice, then retire the finished and cancelled."""
-        n = len(self._active)
-        t0 = time.perf_counter()
-        try:
-            tokens = torch.tensor([c.next_token for c in self._active])
-            logits = decode_step(self.model, rows(self.pool, 0, n), tokens)  # [n, vocab]
+    def _step(self) -> int:
+        """One batched decode step over every active choice whose client reads, then retire the finished,
+        cancelled and failed. A choice whose sampling raises fails its own request only. Returns how many ran."""
+        n = self._pause_unread()
+        if n:
+            t0 = time.perf_counter()
+            try:
+                tokens = torch.tensor([c.next_token for c in self._active[:n]])
+                logits = decode_step(self.model, rows(self.pool, 0, n), tokens)  # [n, vocab]
+            except Exception as err:  # the model itself failed: the rows' states are unknown
+                log.exception("decode step failed")
+                self._fail_active(_as_api_error(err))
+                return n
             self.counters["decode_steps"] += 1
             self.counters["decoded_tokens"] += n
-            for i, choice in enumerate(self._active):
-                if not choice.gen.handle.cancelled:
+            for i, choice in enumerate(self._active[:n]):
+                if choice.done or choice.gen.handle.cancelled:
+                    continue
+                try:
                     choice.accept(logits[i : i + 1])
-        except Exception as err:
-            log.exception("decode step failed")
-            self._fail_active(_as_api_error(err))
-            return
-        if self.metrics is not None:
-            self.metrics.decoded(n, time.perf_counter() - t0)
-        for i in reversed(range(n)):
+                except Exception as err:
+                    self._fail_generation(choice.gen, _as_api_error(err, choice.gen.request_id))
+            if self.metrics is not None:
+                self.metrics.decoded(n, time.perf_counter() - t0)
+        for i in reversed(range(len(self._active))):
             choice = self._active[i]
             if choice.done or choice.gen.handle.cancelled:
                 last = len(self._active) - 1
@@ -306,11 +357,52 @@ class Scheduler:
                     self._active[i] = self._active[last]
                 self._active.pop()
                 self._retired(choice)
+        return n
+
+    def _pause_unread(self) -> int:
+        """Move the choices whose streaming client has stopped reading (more than MAX_UNREAD events waiting) to
+        the end of the active rows, where no decode step runs; a choice paused for `stall_timeout` seconds is
+        dropped with an error (its rows go to others). Returns the number of choices that run."""
+        now = time.monotonic()
+        run = 0
+        for i, choice in enumerate(self._active):
+            unread = choice.gen.handle.unread
+            if choice.paused_since is None and unread > MAX_UNREAD:
+                choice.paused_since = now
+            elif choice.paused_since is not None and unread <= MAX_UNREAD // 2:
+                choice.paused_since = None
+            if choice.paused_since is not None and now - choice.paused_since > self.stall_timeout:
+                self._fail_generation(choice.gen, APIError(408, STALLED.format(self.stall_timeout), code="stalled"))
+            if choice.paused_since is None and not choice.done:
+                if i != run:
+                    self._swap(i, run)
+                run += 1
+        return run
+
+    def _swap(self, i: int, j: int) -> None:
+        a, b = rows(self.pool, i, i + 1), rows(self.pool, j, j + 1)
+        self._spare.copy_(a)
+        a.copy_(b)
+        b.copy_(self._spare)
+        self._active[i], self._active[j] = self._active[j], self._active[i]
+
+    def _fail_generation(self, gen: Generation, err: APIError) -> None:
+        """End every running choice of one request with `err` (their rows are retired after the step)."""
+        if err.status >= 500:
+            log.error("request %s failed: %s", gen.request_id, err.message)
+        gen.failed = True
+        for choice in gen.choices:
+            if not choice.done:
+                choice.cut(err)
+        if self.metrics is not None:
+            self.metrics.requests.labels("error").inc()
 
     def _retired(self, choice: ChoiceState) -> None:
         gen = choice.gen
         if any(c.gen is gen for c in self._active):
             return  # its other choices are still running
+        if gen.failed:
+            return
         if gen.handle.cancelled and not all(c.done for c in gen.choices):
             self.counters["cancelled"] += 1
             gen.handle.post(Event("cancelled"))
@@ -359,10 +451,13 @@ class Scheduler:
             self._fail_job(job, err)
 
 
-def _as_api_error(err: Exception) -> APIError:
+STALLED = "the client did not read its stream for {:g} s; the answer was dropped"
+
+
+def _as_api_error(err: Exception, request_id: str | None = None) -> APIError:
     if isinstance(err, APIError):
         return err
     if isinstance(err, ValueError):  # media, state and parameter problems the engine reports
         return APIError(400, str(err), code="invalid_request")
-    log.error("generation failed", exc_info=err)
-    return internal_error()
+    log.error("request %s failed", request_id or "-", exc_info=err)
+    return internal_error(request_id)

@@ -3,9 +3,10 @@ server's own routes (health, version, errors). The streaming-session shapes are 
 
 These models are what FastAPI validates and publishes in `/openapi.json`. Numbers must be finite (`Infinity` and
 `NaN` are refused) and within the ranges the engine honours. Parameters that OpenAI defines but this server cannot
-honour (tools, a JSON response format, `suffix`) are refused with the parameter named, so a client never silently
-gets something it did not ask for. `top_k` and `repetition_penalty` are accepted as vLLM does. Unknown fields are
-ignored (clients send `user`, `metadata` and the like).
+honour (tools, a JSON response format, `suffix`, vLLM's guided decoding, audio) are refused with the parameter
+named, so a client never silently gets something it did not ask for; so is any unknown top-level field (only `user`
+is accepted and ignored). `top_k`, `min_p`, `repetition_penalty`, `min_tokens` and `ignore_eos` are honoured as vLLM
+does. Stop strings are bounded (MAX_STOPS of up to MAX_STOP_CHARS characters).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 MAX_STOPS = 16
+MAX_STOP_CHARS = 256
 MAX_CHOICES = 16
+IGNORED = frozenset({"user"})  # top-level fields accepted and ignored (OpenAI's end-user id)
 
 
 class Body(BaseModel):
@@ -80,7 +83,10 @@ class ResponseFormat(Body):
 
 
 class SamplingFields(Body):
-    """Sampling parameters shared by chat completions, completions and session questions."""
+    """Sampling parameters shared by chat completions, completions and session questions. Unknown fields are kept
+    (`model_extra`) so that `unsupported()` can refuse them by name."""
+
+    model_config = ConfigDict(allow_inf_nan=False, extra="allow")
 
     max_tokens: int | None = Field(None, ge=1, description="completion budget (default: the server's)")
     max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
@@ -88,6 +94,11 @@ class SamplingFields(Body):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, description="extension (as vLLM): 0 disables")
     repetition_penalty: float | None = Field(None, gt=0, le=100, description="extension (as vLLM): 1 disables")
+    min_p: float | None = Field(
+        None, ge=0, le=1, description="extension (as vLLM): drop tokens below min_p x the top token's probability"
+    )
+    min_tokens: int = Field(0, ge=0, description="extension (as vLLM): no stop token or string before this many")
+    ignore_eos: bool = Field(False, description="extension (as vLLM): the end-of-turn token does not stop the answer")
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOPS} stop strings")
@@ -100,12 +111,18 @@ class SamplingFields(Body):
     @model_validator(mode="after")
     def _check_stop(self):
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        if len(stops) > MAX_STOPS or any(not s for s in stops):
-            raise ValueError(f"stop takes up to {MAX_STOPS} non-empty strings")
+        if len(stops) > MAX_STOPS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop takes up to {MAX_STOPS} non-empty strings of up to {MAX_STOP_CHARS} characters")
         return self
 
     def unsupported(self) -> Unsupported | None:
         """The first parameter given that this server cannot honour (checked by the routes, to name it)."""
+        for name in self.model_extra or {}:
+            if name not in IGNORED:
+                return Unsupported(name[:64], f"the parameter {name[:64]!r} is not supported by this server")
+        budget = self.max_completion_tokens or self.max_tokens
+        if budget is not None and self.min_tokens > budget:
+            return Unsupported("min_tokens", f"min_tokens {self.min_tokens} is more than max_tokens {budget}")
         return None
 
 
@@ -121,6 +138,8 @@ class ChatCompletionRequest(SamplingFields):
     function_call: Any = None
 
     def unsupported(self) -> Unsupported | None:
+        if (problem := super().unsupported()) is not None:
+            return problem
         if self.top_logprobs and not self.logprobs:
             return Unsupported("top_logprobs", "top_logprobs needs logprobs: true")
         if self.response_format is not None and self.response_format.type != "text":
@@ -151,6 +170,8 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = Field(None, ge=1)
 
     def unsupported(self) -> Unsupported | None:
+        if (problem := super().unsupported()) is not None:
+            return problem
         if self.suffix:
             return Unsupported("suffix", "suffix is not supported")
         if self.best_of not in (None, self.n):
@@ -293,7 +314,9 @@ class ErrorResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "stopping"] = "ok"
+    status: Literal["ok", "stopping", "dead"] = Field(
+        "ok", description="dead: the model's worker thread has stopped (HTTP 503): restart the server"
+    )
     model: str
     model_kind: Literal["general", "task", "untrained"] = Field(
         description="general: a model for any prompt; task: trained for one task only; untrained: random weights"

@@ -1,4 +1,11 @@
-"""Gates in front of every route, as plain ASGI middleware: the bearer API key and the request body size limit.
+"""Gates in front of every route, as plain ASGI middleware: where requests may come from, the bearer API key and the
+request body size and time limits.
+
+`SameSiteMiddleware` keeps a server that web pages can reach from being driven by them: without an API key only
+loopback `Host` values are accepted unless `allowed_hosts` says otherwise (a DNS-rebinding page names its own host),
+a request whose `Origin` is neither the server itself nor one of `allowed_origins` is refused (browsers send
+`Origin` on every POST, `no-cors` ones included), and a POST body must be declared `application/json` (the upload
+route takes image/* and video/*), which no cross-site form or no-cors fetch can send.
 
 Both answer in the OpenAI error shape before any route runs. `/health`, the API documentation (`/docs`,
 `/openapi.json`) and the live-session page's files (`/`, `/web/...`) stay open; every other path needs the key
@@ -9,8 +16,10 @@ connection reset while it is still sending.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -61,10 +70,73 @@ class APIKeyMiddleware:
         await send_error(send, APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
 
 
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+RAW_BODY_PATHS = ("/upload",)  # routes whose body is media bytes, not JSON (they check its type themselves)
+
+
+def host_name(value: str) -> str:
+    """'example.com:8000' -> 'example.com'; '[::1]:8000' -> '::1' (lower case)."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class SameSiteMiddleware:
+    def __init__(self, app: ASGIApp, allowed_hosts: tuple[str, ...], allowed_origins: tuple[str, ...]):
+        self.app = app
+        self.any_host = "*" in allowed_hosts
+        self.hosts = LOOPBACK_HOSTS | {host_name(h) for h in allowed_hosts}
+        self.any_origin = "*" in allowed_origins
+        self.origins = {o.rstrip("/").lower() for o in allowed_origins}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        problem = self._problem(scope)
+        if problem is None:
+            return await self.app(scope, receive, send)
+        await drain(receive)
+        await send_error(send, problem)
+
+    def _problem(self, scope: Scope) -> APIError | None:
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
+        if not self.any_host and host_name(host) not in self.hosts and not host_name(host).startswith("127."):
+            return APIError(
+                403,
+                f"the Host {host[:100]!r} is not one this server answers to: without an API key it answers only "
+                "loopback names (start it with --allowed-hosts NAME, or --api-key, to serve others)",
+                code="host_not_allowed",
+            )
+        origin = headers.get(b"origin", b"").decode("latin-1").rstrip("/").lower()
+        if origin and origin != "null" and urlsplit(origin).netloc == host.lower():
+            origin = ""  # the server's own page
+        if origin and not (self.any_origin or origin in self.origins):
+            return APIError(
+                403,
+                f"cross-site request from {origin[:100]!r} refused (allow it with --allowed-origins)",
+                code="cross_site",
+            )
+        if scope["method"] == "POST" and not scope["path"].endswith(RAW_BODY_PATHS):
+            kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            declared = headers.get(b"content-length", b"")
+            has_body = declared not in (b"", b"0") or b"transfer-encoding" in headers
+            if has_body and kind != b"application/json":
+                return APIError(
+                    415,
+                    f"Content-Type {kind.decode('latin-1')[:64] or '(none)'}: send the body as JSON with "
+                    "Content-Type: application/json",
+                    code="bad_content_type",
+                )
+        return None
+
+
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout  # seconds to receive the whole body (a client that trickles it gets 408)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -74,16 +146,21 @@ class BodyLimitMiddleware:
             await drain(receive)
             return await send_error(send, self._too_large(int(declared)))
         body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.max_bytes:
-                await drain(receive)
-                return await send_error(send, self._too_large(None))
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    body += message.get("body", b"")
+                    if len(body) > self.max_bytes:
+                        await drain(receive)
+                        return await send_error(send, self._too_large(None))
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            message = f"the request body did not arrive within {self.timeout:g} s"
+            return await send_error(send, APIError(408, message, code="body_timeout", headers={"Connection": "close"}))
         replayed = False
 
         async def replay() -> Message:

@@ -39,6 +39,19 @@ UPLOAD_BODY = {
 TAGS = ["sessions"]
 
 
+def check_video_end(video, offset: float | None) -> None:
+    """A chunk placed at `offset` must end within the stream's clock limit: past it every later frame is refused."""
+    if offset is not None and video.timestamps:
+        end = offset + video.timestamps[-1] - video.timestamps[0]
+        if end > MAX_TIMESTAMP:
+            raise APIError(
+                400,
+                f"timestamp_offset {offset:g} s: the video chunk would end at {end:.3f} s, past the limit of "
+                f"{MAX_TIMESTAMP:g} s of stream time",
+                param="timestamp_offset",
+            )
+
+
 def install_session_routes(app: FastAPI, ctx) -> None:
     engine, config, sessions, scheduler = ctx.engine, ctx.config, ctx.sessions, ctx.scheduler
 
@@ -88,6 +101,7 @@ def install_session_routes(app: FastAPI, ctx) -> None:
             job = lambda: sessions.append_frames(session_id, frames)
         else:
             video = await run_in_threadpool(ctx.media.video, body.video_url.url, body.fps, "video_url")
+            check_video_end(video, body.timestamp_offset)
             job = lambda: sessions.append_video(session_id, video, body.timestamp_offset)
         return appended(session_id, await run_task(scheduler, job, request))
 
@@ -122,6 +136,7 @@ def install_session_routes(app: FastAPI, ctx) -> None:
             job = lambda: sessions.append_frames(session_id, [(image, timestamp)])
         elif kind.startswith("video/"):
             video = await run_in_threadpool(ctx.media.video_from, data, fps, "body")
+            check_video_end(video, timestamp_offset)
             job = lambda: sessions.append_video(session_id, video, timestamp_offset)
         else:
             raise APIError(415, f"Content-Type {kind[:64] or '(none)'}: send image/* or video/* bytes", code="bad_type")
@@ -146,8 +161,10 @@ def install_session_routes(app: FastAPI, ctx) -> None:
         await run_in_threadpool(ctx.budget.check, [body.question], engine.processor, "question")
         n_question = len(await run_in_threadpool(engine.processor.tokenize_text, body.question)) + 8  # turn markup
         max_new = completion_budget(body, n_question, config)
-        gen = new_generation(ctx, body, lambda row: sessions.branch(session_id, row, body.question), max_new)
-        return await respond(scheduler, gen, chat_reply(ctx, body), request)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        prepare = lambda row: sessions.branch(session_id, row, body.question)  # noqa: E731
+        gen = new_generation(ctx, body, prepare, max_new, top_logprobs=top)
+        return await respond(scheduler, gen, chat_reply(ctx, body, logprobs=body.logprobs), request)
 
     @app.post("/v1/sessions/{session_id}/snapshot", response_model=SnapshotInfo, responses=ERRORS, tags=TAGS)
     async def snapshot(session_id: str) -> dict:

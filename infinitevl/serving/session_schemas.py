@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 
 from ..engine.session import DEFAULT_SYSTEM
-from .schemas import Body, ImageURL, SamplingFields, VideoURL
+from .schemas import Body, ImageURL, SamplingFields, Unsupported, VideoURL
 
 MAX_TIMESTAMP = 1e7  # seconds (about 115 days of stream time)
 
@@ -62,6 +62,15 @@ class TextAppend(Body):
 
 class AskRequest(SamplingFields):
     question: str = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: the most likely tokens")
+
+    def unsupported(self) -> Unsupported | None:
+        if (problem := super().unsupported()) is not None:
+            return problem
+        if self.top_logprobs and not self.logprobs:
+            return Unsupported("top_logprobs", "top_logprobs needs logprobs: true")
+        return None
 
 
 class RestoreRequest(Body):
