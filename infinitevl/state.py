@@ -14,6 +14,7 @@ The model reads and updates these objects in place; this module knows nothing ab
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -23,9 +24,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import LINEAR, InfiniteVLConfig
+from .config import LINEAR, SINK, SPARSE, InfiniteVLConfig
 
 STATE_FORMAT = "infinitevl-state/1"
+
+
+def graph_capturing(t: torch.Tensor) -> bool:
+    """Whether `t`'s device is recording a CUDA graph (then nothing may read device values on the host)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 class StateError(ValueError):
@@ -78,12 +84,21 @@ class AttentionLayerState:
     def filled(self, num_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The filled slots in any order (enough for a decode step): a view of the first slots until the ring
         wraps around, then the whole ring."""
+        if graph_capturing(self.keys):  # no host sync inside a CUDA graph: the whole ring, empty slots masked
+            return self.keys, self.values, self.positions
         n = min(int(num_tokens.max()), self.capacity)
         return self.keys[:, :, :n], self.values[:, :, :n], self.positions[:, :n]
 
     def write(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Store the tokens that remain among the last `capacity`; keys/values [B, T, KV, D], positions [B, T]."""
         cap = self.capacity
+        if positions.shape[1] == 1 and self.window is not None:  # one token per row: no host sync (CUDA graphs)
+            pos = positions[:, 0]
+            rows, slots, real = torch.arange(pos.shape[0], device=pos.device), pos % cap, pos >= 0
+            for buf, new in ((self.keys, keys), (self.values, values)):
+                buf[rows, :, slots] = torch.where(real[:, None, None], new[:, 0].to(buf.dtype), buf[rows, :, slots])
+            self.positions[rows, slots] = torch.where(real, pos, self.positions[rows, slots])
+            return
         last = positions.max(dim=1, keepdim=True).values
         keep = (positions >= 0) & (positions > last - cap)
         if self.window is None and bool((positions >= cap).any()):
@@ -137,6 +152,12 @@ class InfiniteVLState:
                         ),
                     )
                 )
+            elif kind == SINK:
+                layers.append(SinkWindowLayerState.allocate(t, batch_size, dtype, device))
+            elif kind == SPARSE:
+                if max_context is None:
+                    raise StateError(f"layer {i} is block-sparse (keeps every key): allocate with max_context")
+                layers.append(BlockSparseLayerState.allocate(t, batch_size, max_context, dtype, device))
             else:
                 window = t.layer_window(i)
                 if window is None and max_context is None:
@@ -197,10 +218,7 @@ class InfiniteVLState:
         layers = []
         for layer in self.layers:
             fields = {k: torch.empty_like(v) for k, v in layer.tensors().items()}
-            if isinstance(layer, AttentionLayerState):
-                layers.append(AttentionLayerState(**fields, window=layer.window))
-            else:
-                layers.append(LinearLayerState(**fields))
+            layers.append(dataclasses.replace(layer, **fields))
         return InfiniteVLState(
             layers, torch.empty_like(self.next_position), torch.empty_like(self.num_tokens), dict(self.fingerprint)
         )
@@ -231,6 +249,9 @@ class InfiniteVLState:
             "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
             "windows": json.dumps(windows),
         }
+        variants = [layer.options() if hasattr(layer, "options") else None for layer in self.layers]
+        if any(variants):
+            meta["variants"] = json.dumps(variants)
         meta.update(extra or {})
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}
         meta["checksum"] = tensor_checksum(tensors)
@@ -266,11 +287,16 @@ class InfiniteVLState:
             )
             raise StateError(f"{path} was saved for a different model configuration (differs in: {', '.join(diff)})")
         windows = json.loads(meta["windows"])
+        variants = json.loads(meta.get("variants", "null")) or [None] * len(windows)
         layers = []
         for i, window in enumerate(windows):
             prefix = f"layers.{i}."
             fields = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            if "keys" in fields:
+            if variants[i] and "num_sinks" in variants[i]:
+                layers.append(SinkWindowLayerState(**fields, window=window, **variants[i]))
+            elif variants[i] and "chunk_size" in variants[i]:
+                layers.append(BlockSparseLayerState(**fields, window=window, **variants[i]))
+            elif "keys" in fields:
                 layers.append(AttentionLayerState(**fields, window=window))
             else:
                 layers.append(LinearLayerState(**fields))
@@ -290,3 +316,112 @@ def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return "sha256:" + h.hexdigest()
+
+
+# -- the v2 variants' caches (docs/variants.md) -----------------------------------------------------------------------
+@dataclass
+class SinkWindowLayerState(AttentionLayerState):
+    """Online: slots [0, num_sinks) keep stream positions 0 .. num_sinks - 1 for ever; the other window - 1 slots are
+    a ring of the latest later positions (position p >= num_sinks lives in slot num_sinks + (p - num_sinks) % ring).
+    Fixed size: num_sinks + window - 1 slots per layer."""
+
+    num_sinks: int = 0
+
+    @classmethod
+    def allocate(cls, text, batch_size, dtype, device) -> SinkWindowLayerState:
+        cap = text.num_sink_tokens + text.sliding_window - 1
+        shape = (batch_size, text.num_key_value_heads, cap, text.head_dim)
+        return cls(
+            keys=torch.zeros(shape, dtype=dtype, device=device),
+            values=torch.zeros(shape, dtype=dtype, device=device),
+            positions=torch.full((batch_size, cap), -1, dtype=torch.long, device=device),
+            window=text.sliding_window,
+            num_sinks=text.num_sink_tokens,
+        )
+
+    def options(self) -> dict:
+        return {"num_sinks": self.num_sinks}
+
+    def _slots(self, positions: torch.Tensor) -> torch.Tensor:
+        ns, ring = self.num_sinks, self.capacity - self.num_sinks
+        return torch.where(positions < ns, positions, ns + (positions - ns) % ring)
+
+    def ordered(self, num_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The filled slots in stream order (sinks, then the ring from its oldest slot); empty slots position -1."""
+        counts = num_tokens.tolist()
+        ns, ring = self.num_sinks, self.capacity - self.num_sinks
+        if max(counts) <= self.capacity:  # nothing overwritten yet: slot i holds stream position i
+            n = max(counts)
+            return self.keys[:, :, :n], self.values[:, :, :n], self.positions[:, :n]
+        rows = []
+        for b, c in enumerate(counts):
+            s = max(c - ns, 0) % ring
+            rows.append(
+                tuple(
+                    torch.cat([t[b, ..., :ns], t[b, ..., ns:].roll(-s, dims=-1)], dim=-1)
+                    for t in (self.keys.transpose(-1, -2), self.values.transpose(-1, -2), self.positions)
+                )
+            )
+        keys, values, positions = (torch.stack(parts) for parts in zip(*rows))
+        return keys.transpose(-1, -2), values.transpose(-1, -2), positions
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Store the sinks and the tokens that remain among the latest window - 1; keys/values [B, T, KV, D]."""
+        ring = self.capacity - self.num_sinks
+        last = positions.max(dim=1, keepdim=True).values
+        keep = (positions >= 0) & ((positions < self.num_sinks) | (positions > last - ring))
+        rows, cols = keep.nonzero(as_tuple=True)
+        slots = self._slots(positions[rows, cols])
+        self.keys[rows, :, slots] = keys[rows, cols].to(self.keys.dtype)
+        self.values[rows, :, slots] = values[rows, cols].to(self.values.dtype)
+        self.positions[rows, slots] = positions[rows, cols]
+
+
+@dataclass
+class BlockSparseLayerState(AttentionLayerState):
+    """Offline: every key at slot = stream position (like a full-attention cache, sized by max_context), plus the
+    mean of each complete chunk of `chunk_size` keys [B, KV, capacity // chunk_size, D], updated as chunks fill.
+    Allocated up front; `bytes_used` is what the tokens seen so far occupy, which grows with the input."""
+
+    chunk_means: torch.Tensor = None  # type: ignore[assignment]
+    chunk_size: int = 32
+
+    @classmethod
+    def allocate(cls, text, batch_size, max_context, dtype, device) -> BlockSparseLayerState:
+        C = text.sparse_chunk_size
+        shape = (batch_size, text.num_key_value_heads, max_context, text.head_dim)
+        return cls(
+            keys=torch.zeros(shape, dtype=dtype, device=device),
+            values=torch.zeros(shape, dtype=dtype, device=device),
+            positions=torch.full((batch_size, max_context), -1, dtype=torch.long, device=device),
+            window=None,
+            chunk_means=torch.zeros(
+                batch_size, text.num_key_value_heads, max_context // C, text.head_dim, dtype=dtype, device=device
+            ),
+            chunk_size=C,
+        )
+
+    def options(self) -> dict:
+        return {"chunk_size": self.chunk_size}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**super().tensors(), "chunk_means": self.chunk_means}
+
+    def bytes_used(self, num_tokens: int) -> int:
+        """Bytes holding the first `num_tokens` tokens' keys, values, positions and complete chunks' means."""
+        per_token = sum(t[:, ..., :1, :].numel() * t.element_size() for t in (self.keys, self.values))
+        per_token += self.positions[:, :1].numel() * self.positions.element_size()
+        per_chunk = self.chunk_means[:, :, :1].numel() * self.chunk_means.element_size()
+        n = min(num_tokens, self.capacity)
+        return n * per_token + (n // self.chunk_size) * per_chunk
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Store the keys, then summarise every chunk whose last position has just been written."""
+        super().write(keys, values, positions)
+        C = self.chunk_size
+        done = (positions >= 0) & ((positions + 1) % C == 0) & (positions < self.chunk_means.shape[2] * C)
+        rows, cols = done.nonzero(as_tuple=True)
+        if len(rows):
+            chunks = positions[rows, cols] // C
+            span = chunks.unsqueeze(-1) * C + torch.arange(C, device=positions.device)  # [n, C]
+            self.chunk_means[rows, :, chunks] = self.keys[rows.unsqueeze(-1), :, span].mean(1)  # [n, KV, D]

@@ -206,8 +206,9 @@ def fill_random_(module: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Modu
     from ..model.gdn import GatedDeltaNet
     from ..model.vlm import init_gdn_gates
 
-    gen = torch.Generator().manual_seed(seed)
-    pool = torch.empty(POOL_SIZE).normal_(0.0, std, generator=gen)
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    gen = torch.Generator(device=device).manual_seed(seed)  # on the weights' device: a GPU model fills in place
+    pool = torch.empty(POOL_SIZE, device=device).normal_(0.0, std, generator=gen)
     for sub in module.modules():
         if isinstance(sub, GatedDeltaNet):
             init_gdn_gates(sub)
@@ -229,22 +230,25 @@ def fill_random_(module: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Modu
     return module
 
 
-def build_infinitevl(config: InfiniteVLConfig, vision: bool = False, seed: int = 0):
-    """InfiniteVL in fp32 with random weights; without `vision` the tower stays on the meta device (no memory)."""
+def build_infinitevl(
+    config: InfiniteVLConfig, vision: bool = False, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32
+):
+    """InfiniteVL with random weights (fp32 on the CPU unless told otherwise); without `vision` the tower stays on
+    the meta device (no memory)."""
     from ..model import InfiniteVLForConditionalGeneration
     from ..model.vision import reset_rotary
 
     with torch.device("meta"):
-        model = InfiniteVLForConditionalGeneration(config)
+        model = InfiniteVLForConditionalGeneration(config).to(dtype)
     parts = [model.model.language_model] + ([model.model.visual] if vision else [])
     for part in parts:
-        part.to_empty(device="cpu")
+        part.to_empty(device=device)
         fill_random_(part, seed)
     if vision:
         reset_rotary(model.model.visual)
     model.tie_weights()
     if not config.text.tie_word_embeddings:
-        model.lm_head.to_empty(device="cpu")
+        model.lm_head.to_empty(device=device)
         fill_random_(model.lm_head, seed + 1)
     return model.eval()
 
@@ -283,20 +287,23 @@ class BaselineLM(nn.Module):
         """One token per row ([B]) at the next position; logits [B, vocab]."""
         n = cache.get_seq_length()
         B = token_ids.shape[0]
-        positions = torch.full((3, B, 1), n, dtype=torch.long)
+        positions = torch.full((3, B, 1), n, dtype=torch.long, device=token_ids.device)
         return self.prefill(cache, input_ids=token_ids.view(B, 1), position_ids=positions)
 
 
-def build_baseline(config: InfiniteVLConfig, seed: int = 0) -> BaselineLM:
+def build_baseline(
+    config: InfiniteVLConfig, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32
+) -> BaselineLM:
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding
 
     hf = baseline_config(config)
     with torch.device("meta"):
-        model = BaselineLM(hf)
-    model.to_empty(device="cpu")
+        model = BaselineLM(hf).to(dtype)
+    model.to_empty(device=device)
     model.lm_head.weight = model.model.embed_tokens.weight  # to_empty unties: tie before filling
     fill_random_(model, seed)
-    model.model.rotary_emb = Qwen2_5_VLRotaryEmbedding(config=hf)  # its frequencies are a non-persistent buffer
+    # its frequencies are a non-persistent buffer
+    model.model.rotary_emb = Qwen2_5_VLRotaryEmbedding(config=hf).to(device)
     return model.eval()
 
 
@@ -336,17 +343,19 @@ def fill_state(state: InfiniteVLState, n_tokens: int, seed: int = 0) -> Infinite
 
 @torch.no_grad()
 def filled_cache(model: BaselineLM, n_tokens: int, seed: int = 0, block: int = 1024):
-    """A DynamicCache holding `n_tokens` random keys and values per layer (a random block tiled: fast to make)."""
+    """A DynamicCache holding `n_tokens` random keys and values per layer (a random block tiled: fast to make), on
+    the model's device and in its dtype."""
     hf = model.config
     KV, hd = hf.num_key_value_heads, hf.hidden_size // hf.num_attention_heads
+    weight = model.lm_head.weight
     gen = torch.Generator().manual_seed(seed)
     width = max(1, min(block, n_tokens))
-    tiles = [torch.randn(1, KV, width, hd, generator=gen) for _ in range(2)]
+    tiles = [torch.randn(1, KV, width, hd, generator=gen).to(weight) for _ in range(2)]
     cache = model.new_cache()
     for layer in cache.layers:
         kv = []
         for tile in tiles:
-            full = torch.empty(1, KV, n_tokens, hd)
+            full = torch.empty(1, KV, n_tokens, hd, dtype=weight.dtype, device=weight.device)
             for s in range(0, n_tokens, width):
                 e = min(s + width, n_tokens)
                 full[:, :, s:e].copy_(tile[:, :, : e - s])

@@ -918,7 +918,91 @@ SECTION_MD = {
 }
 
 
-def render(data: dict[str, dict]) -> str:
+GPU_JSON = "gpu.json"  # written by `python -m infinitevl.bench.gpu` (docs/gpu.md), not by a section of the run
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def gpu_md(record: dict | None) -> str:
+    """The GPU section, from `gpu.json`; without one (or with a CPU run's) it says that no GPU figures exist."""
+    command = "`python -m infinitevl.bench.gpu --json docs/benchmarks/gpu.json` ([docs/gpu.md](gpu.md))"
+    if record is None or record["machine"]["device"] != "cuda":
+        what = "No GPU run is recorded yet" if record is None else "The recorded run is the CPU form (`--quick`)"
+        return f"{what}: there are no GPU figures. {command} checks and measures the CUDA path on one GPU."
+    m, f = record["machine"], record["figures"]
+    lines = [
+        f"`{record['command']}` ({record['plan']} plan), {m['date']}, {record['elapsed_s']:.0f} s; "
+        f"**{m['card']}** ({_gib(m['memory_bytes'])}), driver {m['driver']}, CUDA {m['cuda']}, torch {m['torch']}, "
+        f"Triton {m['triton']}, flash-linear-attention {m['flash_linear_attention']}, transformers "
+        f"{m['transformers']}; {f['config']} widths, {f['dtype']}, random weights.",
+        "",
+    ]
+    groups: dict[str, list[dict]] = {}
+    for c in record["checks"]:
+        groups.setdefault(c["check"].split("/")[0], []).append(c)
+    rows = []
+    for name, checks in groups.items():
+        counts = {s: sum(c["status"] == s for c in checks) for s in ("passed", "failed", "error", "skipped")}
+        errs = [c["rel_err"] for c in checks if c.get("rel_err") is not None]
+        worst = f"{max(errs):.1e}" if errs else "-"
+        reasons = sorted({c["reason"] for c in checks if c["status"] == "skipped"})
+        rows.append([name, *counts.values(), worst, "; ".join(reasons)])
+    lines += [
+        "Correctness:",
+        "",
+        _table(["check", "passed", "failed", "error", "skipped", "worst rel. error", "why skipped"], rows),
+    ]
+    bad = [c for c in record["checks"] if c["status"] in ("failed", "error")]
+    if bad:
+        lines += ["", "**Failed:** " + "; ".join(f"`{c['check']}` ({c.get('rel_err', c.get('error'))})" for c in bad)]
+    base = {b["context"]: b for b in f["baseline"]["decode"]}
+    rows = []
+    for r in f["decode"]:
+        b = base.get(r["context"], {})
+        measured = r["status"] == "measured"
+        graph = r.get("graph_s")
+        rows.append(
+            [
+                fmt_tokens(r["context"]),
+                f"{r['eager_s'] * 1e3:.2f}" if measured else r["status"],
+                f"{graph * 1e3:.2f} ({r['eager_s'] / graph:.1f}x)" if graph else "-",
+                f"{b['eager_s'] * 1e3:.2f}"
+                if b.get("status") == "measured"
+                else b.get("status", "-").replace("_", " "),
+                f"{b['eager_s'] / r['eager_s']:.1f}x" if measured and b.get("status") == "measured" else "-",
+                _gib(r["peak_bytes"]) if measured else "-",
+            ]
+        )
+    header = ["context", "InfiniteVL eager ms", "CUDA graph ms (speedup)", "Qwen2.5-VL ms", "ratio", "peak memory"]
+    lines += ["", "Decode, one token:", "", _table(header, rows)]
+    rows = [
+        [
+            who,
+            fmt_tokens(r["tokens"]),
+            f"{r['tokens_per_s']:,.0f}" if r["status"] == "measured" else r["status"],
+            _gib(r["peak_bytes"]) if r["status"] == "measured" else "-",
+        ]
+        for who, pts in (("InfiniteVL", f["prefill"]), ("Qwen2.5-VL", f["baseline"]["prefill"]))
+        for r in pts
+    ]
+    lines += ["", "Prefill:", "", _table(["model", "tokens", "tokens/s", "peak memory"], rows)]
+    st = f.get("streaming")
+    if st:
+        lines += [
+            "",
+            f"Live streaming, {st['frame_size'][0]}x{st['frame_size'][1]} frames ({st['tokens_per_frame']} tokens "
+            f"each) with the full vision tower, {st['frames']} frames: **{st['fps_end_to_end']:.1f} frames/s** end to "
+            f"end ({st['fps_device']:.1f} without the CPU resize and patchify); peak memory {_gib(st['peak_bytes'])}.",
+        ]
+    rows = [[r["figure"], r["paper"], r["this_run"]] for r in record["paper"]]
+    lines += ["", f"Against the paper ({record['paper'][0]['paper_card'] if record['paper'] else 'RTX 4090'}):", ""]
+    lines += [_table(["figure", "paper", f"this run ({m['card']})"], rows)] if rows else ["No figures to compare."]
+    return "\n".join(lines)
+
+
+def render(data: dict[str, dict], gpu: dict | None = None) -> str:
     """The markdown; images are linked as `benchmarks/<name>.png` (rewritten by `write` to the real folder)."""
     lines = [
         "# Benchmarks",
@@ -964,13 +1048,15 @@ def render(data: dict[str, dict]) -> str:
         lines += [f"## {title}", "", _provenance(record), "", body, ""]
     if "real" in data and "decode" not in data and "memory" not in data:
         lines += ["## Real tokens against filled contexts", "", real_decode_md(data["real"]), ""]
+    lines += ["## On a GPU", "", gpu_md(gpu), ""]
     return "\n".join(lines)
 
 
 def write(out: Path, markdown: Path) -> Path:
     out = Path(out)
     data = load(out)
-    text = render(data)
+    gpu = json.loads((out / GPU_JSON).read_text()) if (out / GPU_JSON).exists() else None
+    text = render(data, gpu)
     for section, (filename, draw) in plots.PLOTS.items():
         drawn = section in data and draw(data[section]["result"], out / filename) is not None
         if not drawn:  # nothing measured to draw: no image link (and no stale image)

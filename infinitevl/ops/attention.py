@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..state import graph_capturing
+
 
 def _band_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
     """[B, Tq, Tk] bool: key j visible to query i."""
@@ -113,7 +115,7 @@ def attention_decode(
     s_cache = torch.matmul(qg, k_cache.transpose(-1, -2))  # [B, KV, G, N]
     s_new = (qg * k_new.view(B, KV, 1, D)).sum(-1, keepdim=True)  # [B, KV, G, 1]
     scores = torch.cat([s_cache, s_new], dim=-1).float().mul_(scale)
-    if not bool(cache_visible.all()):
+    if graph_capturing(scores) or not bool(cache_visible.all()):  # no host sync while a CUDA graph records
         scores[..., :N].masked_fill_(~cache_visible[:, None, None, :], float("-inf"))
     p = scores.softmax(-1)
     o = torch.matmul(p[..., :N].to(v_cache.dtype), v_cache).float().add_(p[..., N:] * v_new.view(B, KV, 1, D).float())
