@@ -1,7 +1,9 @@
 """Hundreds of malformed requests (hypothesis) to every route of a live server: valid bodies with one field replaced by
 anything JSON can hold (huge and non-finite numbers, special-token strings, deep nesting), fields removed or added,
 raw bytes, wrong content types, odd query strings and path parameters. None may get a 5xx, every error has the
-OpenAI shape, and the server is healthy and answers correctly afterwards."""
+OpenAI shape, and the server is healthy and answers correctly afterwards. Then every sampling parameter at its
+extremes (vanishing and maximal temperature, top_p, min_p, penalties, logit biases, n, min_tokens, ignore_eos),
+beside another client's greedy stream that must keep giving exactly its own answer."""
 
 from __future__ import annotations
 
@@ -150,3 +152,76 @@ def test_malformed_requests_never_get_a_5xx(server):
         assert health["status"] == "ok" and health["queued"] == 0 and health["active"] == 0
         r = http.post("/v1/chat/completions", json=VALID[("POST", "/v1/chat/completions")])
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+EXTREME_SAMPLING = st.fixed_dictionaries(
+    {},
+    optional={
+        "temperature": st.sampled_from([0, 1e-300, 1e-40, 1e-6, 1e-5, 0.3, 2]),
+        "top_p": st.sampled_from([1e-300, 1e-40, 1e-8, 0.5, 1]),
+        "top_k": st.sampled_from([0, 1, 2, 10**9]),
+        "min_p": st.sampled_from([0, 1e-300, 0.5, 1]),
+        "repetition_penalty": st.sampled_from([1e-300, 1e-10, 0.5, 1, 100]),
+        "presence_penalty": st.sampled_from([-2, 0, 2]),
+        "frequency_penalty": st.sampled_from([-2, 0, 2]),
+        "logit_bias": st.dictionaries(st.sampled_from(["0", "5", "380", "381", "383"]), st.sampled_from([-100, 100])),
+        "n": st.integers(1, 3),
+        "seed": st.sampled_from([0, 2**64 - 1, -(2**63)]),
+        "min_tokens": st.integers(0, 3),
+        "ignore_eos": st.booleans(),
+        "stream": st.booleans(),
+    },
+)
+
+
+def test_sampling_at_its_extremes_beside_a_healthy_stream(server):
+    """Every accepted sampling value answers 200 with tokens, while another client's greedy stream, running the
+    whole time, keeps giving exactly the answer it gives alone."""
+    import threading
+
+    healthy = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "a story"}],
+        "max_tokens": 24,
+        "logit_bias": {"380": -100, "381": -100},  # no end of turn: all 24 tokens
+        "stream": True,
+    }
+
+    def streamed(http: httpx.Client) -> str:
+        with http.stream("POST", "/v1/chat/completions", json=healthy) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert not [e for e in events if "error" in e], events
+        return "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        alone = http.post("/v1/chat/completions", json={**healthy, "stream": False}).json()["choices"][0]
+        assert alone["finish_reason"] == "length"
+        answers, stop = [], threading.Event()
+
+        def keep_streaming() -> None:
+            with httpx.Client(base_url=server.url, timeout=60) as own:
+                while not stop.is_set():
+                    answers.append(streamed(own))
+
+        reader = threading.Thread(target=keep_streaming)
+        reader.start()
+        try:
+
+            @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+            @given(EXTREME_SAMPLING)
+            def check(extra):
+                body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **extra}
+                r = http.post("/v1/chat/completions", json=body)
+                assert r.status_code == 200, (extra, r.text[:300])
+                if not extra.get("stream"):
+                    assert len(r.json()["choices"]) == extra.get("n", 1)
+                    assert r.json()["usage"]["completion_tokens"] >= min(extra.get("min_tokens", 0), 4)
+                else:
+                    assert r.text.rstrip().endswith("data: [DONE]") and '"error"' not in r.text, r.text[-300:]
+
+            check()
+        finally:
+            stop.set()
+            reader.join(120)
+        assert answers and all(a == alone["message"]["content"] for a in answers), (alone, answers)
+        assert http.get("/health").json()["status"] == "ok"
