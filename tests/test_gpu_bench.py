@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from infinitevl.bench import report
+from infinitevl.bench.gpu_checks import rel_err
 from infinitevl.state import AttentionLayerState
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,3 +93,30 @@ def test_one_token_ring_write_skips_padding_rows():
     assert torch.equal(state.keys[0, :, 6 % cap], k[0, 0]) and torch.equal(state.values[0, :, 6 % cap], v[0, 0])
     assert state.positions[0].tolist() == [-1, -1, 6, -1]
     assert torch.equal(state.keys[1], before[0]) and torch.equal(state.positions[1], before[1])
+
+
+def test_decode_as_a_cuda_graph_records_it_equals_the_plain_step(monkeypatch):
+    """While a CUDA graph records, decode steps read the whole ring (empty slots masked) instead of asking the host
+    how full it is. Forced on here on the CPU: the logits equal the plain step's, before and after the ring wraps."""
+    from conftest import tiny_model
+
+    import infinitevl.ops.attention
+    import infinitevl.state
+    from infinitevl.engine.generation import decode_step, prefill
+
+    model = tiny_model()
+    window = model.config.text.sliding_window
+    prompt = torch.randint(0, 300, (1, window // 2), generator=torch.Generator().manual_seed(0))
+    plain = model.new_state()
+    prefill(model, plain, prompt)
+    recorded = plain.clone()
+    tokens = torch.randint(0, 300, (window,), generator=torch.Generator().manual_seed(1)).tolist()
+    for t in tokens:  # from half a window to past the point where the ring wraps around
+        want = decode_step(model, plain, torch.tensor([t]))
+        with monkeypatch.context() as m:
+            for module in (infinitevl.state, infinitevl.ops.attention):
+                m.setattr(module, "graph_capturing", lambda _: True)
+            got = decode_step(model, recorded, torch.tensor([t]))
+        assert rel_err(got, want)[0] < 1e-5  # fp32 rounding: the ring's masked slots change the summation order
+    for name, t in plain.tensors().items():
+        assert rel_err(recorded.tensors()[name], t)[0] < 1e-5, name

@@ -322,14 +322,14 @@ def weight_bytes(model: nn.Module) -> int:
 @torch.no_grad()
 def fill_state(state: InfiniteVLState, n_tokens: int, seed: int = 0) -> InfiniteVLState:
     """Make `state` look like a stream of `n_tokens` tokens (rings full up to the window, random memories)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=state.device).manual_seed(seed)  # on the state's device (a GPU state too)
     n = n_tokens
     for layer in state.layers:
         if isinstance(layer, AttentionLayerState):
             cap = layer.capacity
             layer.keys.normal_(generator=gen)
             layer.values.normal_(generator=gen)
-            positions = torch.arange(max(0, n - cap), n)
+            positions = torch.arange(max(0, n - cap), n, device=state.device)
             layer.positions.fill_(-1)
             layer.positions[:, positions % cap] = positions
         else:
