@@ -84,6 +84,17 @@ def add_parser(sub) -> None:
         "none = write only on create, snapshot, idle unloading and shutdown (a crash loses the rest)",
     )
     g.add_argument("--frame-size", type=int, default=d.frame_size, help="default frame side (448: 256 tokens)")
+    g = p.add_argument_group("scale-out on Ray Serve (docs/scaling.md)")
+    g.add_argument("--ray", action="store_true", help="serve N replicas through Ray's HTTP proxy (needs --state-dir)")
+    g.add_argument("--replicas", type=int, default=2, help="with --ray: replicas (each its own model and batch)")
+    g.add_argument("--ray-address", default=None, help="with --ray: an existing cluster ('auto'); default: a local one")
+    g.add_argument("--cpus-per-replica", type=float, default=1.0, help="with --ray: CPUs Ray reserves per replica")
+    g.add_argument(
+        "--autoscale",
+        default=None,
+        metavar="MIN:MAX:TARGET",
+        help="with --ray: Ray Serve autoscaling between MIN and MAX replicas, aiming at TARGET ongoing requests each",
+    )
     g = p.add_argument_group("load")
     g.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before answering 429")
     g.add_argument("--max-batch", type=int, default=d.max_batch, help="generations decoded together (one state each)")
@@ -158,6 +169,8 @@ def run(args) -> int:
         )
     except ValueError as err:
         raise CliError(str(err)) from err
+    if args.ray:
+        return _run_ray(args, config)
     from ..serving.app import bound_onednn_cache
 
     bound_onednn_cache(config.onednn_cache_capacity)  # before the model first runs
@@ -175,8 +188,48 @@ def run(args) -> int:
     # uvicorn shuts down cleanly on SIGINT / SIGTERM, then re-raises the signal to the handler found before it:
     # make SIGTERM end like Ctrl-C, with exit status 0 after the clean shutdown
     signal.signal(signal.SIGTERM, _interrupt)
+    from ..serving.store import StoreBusy
+
+    try:
+        app = create_app(engine, config)
+    except StoreBusy as err:
+        raise CliError(str(err)) from err
     with contextlib.suppress(KeyboardInterrupt):
-        serve(create_app(engine, config), args.host, args.port, args.log_level)
+        serve(app, args.host, args.port, args.log_level)
+    print("server stopped", file=sys.stderr)
+    return 0
+
+
+def _run_ray(args, config) -> int:
+    if config.state_dir is None:
+        raise CliError("--ray needs --state-dir: the replicas share sessions through it (on several machines, a "
+                       "folder of a shared filesystem mounted at the same path on each)")  # fmt: skip
+    scaling = {}
+    if args.autoscale:
+        try:
+            low, high, target = args.autoscale.split(":")
+            scaling = {"min_replicas": int(low), "max_replicas": int(high), "target_ongoing_requests": float(target)}
+        except ValueError:
+            raise CliError(f"--autoscale {args.autoscale}: give MIN:MAX:TARGET, e.g. 1:4:8") from None
+    elif args.replicas < 1:
+        raise CliError(f"--replicas must be >= 1 (got {args.replicas})")
+    engine = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "device": args.device,
+        "chunk_size": args.chunk_size,
+        "quantize": None if args.quantize == "none" else args.quantize,
+        "group_size": args.group_size,
+    }
+    try:
+        from ..serving.ray_deploy import serve_on_ray
+    except ImportError as err:
+        raise CliError(f"--ray needs ray[serve] (pip install -r requirements/ci.txt): {err}") from err
+    signal.signal(signal.SIGTERM, _interrupt)
+    with contextlib.suppress(KeyboardInterrupt):
+        serve_on_ray(
+            engine, config, args.host, args.port, args.replicas, args.ray_address, args.cpus_per_replica, scaling
+        )
     print("server stopped", file=sys.stderr)
     return 0
 
