@@ -181,7 +181,13 @@ def run(args) -> int:
         f"; sessions {'in ' + str(config.state_dir) if config.state_dir else 'in memory only'}"
         f"; local media {'under ' + str(config.media_root) if config.media_root else 'disabled'})"
         f"\nprecision: {engine.describe_precision()}"
-        + (f"\nnote: every answer carries this note (model_note, X-Model-Note): {engine.note}" if engine.note else ""),
+        + (f"\nnote: every answer carries this note (model_note, X-Model-Note): {engine.note}" if engine.note else "")
+        + (
+            "\nwithout --api-key only loopback Host names are answered: --allowed-hosts NAME,... to serve others "
+            "(docs/serving-limits.md)"
+            if not config.api_key and not config.allowed_hosts and args.host not in ("127.0.0.1", "localhost", "::1")
+            else ""
+        ),
         file=sys.stderr,
         flush=True,
     )
