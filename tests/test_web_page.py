@@ -66,7 +66,7 @@ PHOTOS = [DATA / f"{i}.jpg" for i in (1, 2, 3)]
 SCREENSHOT = ROOT / "docs" / "web-page.png"
 KEY = "page-test-key"
 FPS = 4
-QUESTION = "Which digit was last shown with a tag?"  # the bundled model's task: other questions get its fixed reply
+QUESTION = "Which digit was last shown with tag A?"  # the bundled model's task: other questions get its fixed reply
 PIXEL_LIMIT = 100_000  # the server's --max-image-pixels: 224 px frames pass, 448 px frames are refused
 
 
@@ -280,6 +280,8 @@ def test_the_page_runs_a_live_session(browser, server, tmp_path):
     page.el("api-key").send_keys(KEY, Keys.ENTER)
     page.wait(lambda: "API key accepted" in page.messages(), "the right key is accepted")
     page.console("status of 401")
+    note = page.el("model-note").text  # the bundled model: its two tasks and what to ask it
+    assert "two tasks" in note and "Which digit was last shown with tag" in note and "Read the last" in note
 
     # The real MP4 through the file input, played and sent as it plays; a moment at a frame size the server
     # refuses (its pixel limit) does not stop the stream.

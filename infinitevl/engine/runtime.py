@@ -7,6 +7,7 @@ print(engine.generate([{"role": "user", "content": "Hello"}]).text)
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +16,10 @@ import torch
 
 from ..model import InfiniteVLForConditionalGeneration
 from ..processing.processor import Processor
+from .answers import FixedAnswer, fixed_answer, prompt_text
 from .generation import DEFAULT_CHUNK, SamplingParams, TokenGenerator, prefill
 from .session import DEFAULT_SYSTEM, StreamSession
+from .speed import Speed, timed
 from .text import stream_text
 
 
@@ -105,18 +108,24 @@ class InfiniteVL:
     @property
     def note(self) -> str | None:
         """What this model can and cannot do, when its folder says it is not a general model (the bundled
-        task model, the untrained stand-in); None otherwise."""
+        task model, the untrained stand-in), with what to ask a task model; None otherwise."""
         from ..defaults import model_note
+        from ..tasks.off_task import task_hint
 
-        return model_note(self.model.config.extra)
+        parts = [model_note(self.model.config.extra), task_hint(self.model.config.extra)]
+        return " ".join(p for p in parts if p) or None
 
     def session(self, system_prompt: str | None = DEFAULT_SYSTEM, **kwargs) -> StreamSession:
         return StreamSession(self.model, self.processor, system_prompt, chunk_size=self.chunk_size, **kwargs)
 
-    def start(self, messages: list[dict], sampling: SamplingParams) -> tuple[TokenGenerator, int]:
-        """Prefill a chat and return a token generator over its answer, with the prompt length."""
+    def start(self, messages: list[dict], sampling: SamplingParams) -> tuple[TokenGenerator | FixedAnswer, int]:
+        """Prefill a chat and return a token generator over its answer, with the prompt length. A task model's
+        answer to a prompt outside its tasks is its fixed reply (`answers.py`), whatever the sampling."""
         sampling.validate()
         prompt = self.processor.prompt(messages)
+        fixed = fixed_answer(self.model, self.processor, prompt_text(messages), sampling.max_new_tokens)
+        if fixed is not None:
+            return fixed, prompt.input_ids.shape[1]
         state = self.model.new_state()
         logits = prefill(self.model, state, prompt.input_ids, chunk_size=self.chunk_size, **_vision(prompt))
         params = sampling.with_stops(self.model.config.eos_token_ids)
@@ -130,9 +139,15 @@ class InfiniteVL:
         )
         return gen, prompt.input_ids.shape[1]
 
-    def generate_stream(self, messages: list[dict], sampling: SamplingParams | None = None) -> Iterator[str]:
-        gen, _ = self.start(messages, sampling or SamplingParams())
-        yield from stream_text(gen, self.processor)
+    def generate_stream(
+        self, messages: list[dict], sampling: SamplingParams | None = None, speed: Speed | None = None
+    ) -> Iterator[str]:
+        """The answer as text pieces, each printable as it comes; `speed`, when given, is filled in as it goes."""
+        speed = speed if speed is not None else Speed()
+        t0 = time.perf_counter()
+        gen, speed.prompt_tokens = self.start(messages, sampling or SamplingParams())
+        speed.prefill_seconds = time.perf_counter() - t0
+        yield from stream_text(timed(gen, speed), self.processor)
 
     def generate(self, messages: list[dict], sampling: SamplingParams | None = None) -> Completion:
         gen, n_prompt = self.start(messages, sampling or SamplingParams())

@@ -25,7 +25,9 @@ from ..model.rope import live_frame_offset
 from ..processing.media import MediaError
 from ..processing.processor import Processor, VisionInput
 from ..state import InfiniteVLState
+from .answers import fixed_answer
 from .generation import DEFAULT_CHUNK, SamplingParams, TokenGenerator, prefill, prefill_steps
+from .speed import Speed, timed
 from .text import stream_text
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -195,6 +197,11 @@ class StreamSession:
     def ask_stream(self, question: str, sampling: SamplingParams | None = None) -> Iterator[str]:
         """Answer from a branch of the state, as text pieces; the stream is left bit-identical."""
         sampling = sampling or SamplingParams(max_new_tokens=64)
+        fixed = fixed_answer(self.model, self.processor, question, sampling.max_new_tokens)
+        if fixed is not None:  # a task model's reply to a question outside its tasks: nothing to compute
+            self.stats.questions += 1
+            yield from stream_text(fixed, self.processor)
+            return
         branch = self.state.clone()
         ids = self._close_segment_ids() + self.question_ids(question)
         logits = prefill(self.model, branch, torch.tensor([ids]), chunk_size=self.chunk_size)
@@ -208,20 +215,35 @@ class StreamSession:
 
     def chat(self, message: str, sampling: SamplingParams | None = None, images=()) -> str:
         """A multi-turn exchange committed to the stream: the question and the answer become part of it."""
+        return "".join(self.chat_stream(message, sampling, images))
+
+    def chat_stream(
+        self, message: str, sampling: SamplingParams | None = None, images=(), speed: Speed | None = None
+    ) -> Iterator[str]:
+        """`chat` as text pieces. Closing the iterator before its end (Ctrl-C in `infinitevl chat`) stops the answer
+        there: the part generated so far stays in the conversation and the turn ends, as if the answer had been
+        that long. `speed`, when given, is filled in as the answer is made."""
+        speed = speed if speed is not None else Speed()
+        t0 = time.perf_counter()
         for image in images:
             self.append_image(image)
         ids = self._close_segment_ids() + self.question_ids(message)
+        before = self.stats.tokens
         logits = self._prefill(ids)
         self.segment = None
+        speed.prompt_tokens = int(self.state.num_tokens[0]) - before
+        speed.prefill_seconds = time.perf_counter() - t0
         sampling = sampling or SamplingParams(max_new_tokens=128)
-        params = sampling.with_stops(self.model.config.eos_token_ids)
-        gen = TokenGenerator(self.model, self.state, logits, params, decode_text=self.processor.decode)
-        answer_ids = list(gen)
-        # commit the answer: its unfed tokens, the end of the turn, and the next user turn
-        self._feed_ids(gen.unfed + self.processor.tokenize("<|im_end|>\n<|im_start|>user\n"))
-        self.stats.questions += 1
-        self._refresh()
-        return self.processor.decode(answer_ids)
+        gen = fixed_answer(self.model, self.processor, message, sampling.max_new_tokens)
+        if gen is None:
+            params = sampling.with_stops(self.model.config.eos_token_ids)
+            gen = TokenGenerator(self.model, self.state, logits, params, decode_text=self.processor.decode)
+        try:
+            yield from stream_text(timed(gen, speed), self.processor)
+        finally:  # commit the answer: its unfed tokens, the end of the turn, and the next user turn
+            self._feed_ids(gen.unfed + self.processor.tokenize("<|im_end|>\n<|im_start|>user\n"))
+            self.stats.questions += 1
+            self._refresh()
 
     def question_ids(self, text: str) -> list[int]:
         """A user message (plain text) that ends the open user turn and opens the assistant's."""

@@ -11,8 +11,10 @@ import asyncio
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
+from ..engine.answers import prompt_text
 from ..engine.generation import SamplingParams
 from .errors import APIError
+from .fixed import FixedReply
 from .observability import current_request_id
 from .prefill import prompt_steps
 from .prompts import chat_prompt, check_supported, completion_budget, completion_prompts, prompt_tensor
@@ -69,7 +71,8 @@ def install_openai_routes(app: FastAPI, ctx) -> None:
 
         gen = new_generation(ctx, body, prepare, max_new, history=ids, top_logprobs=top)
         reply = chat_reply(ctx, body, logprobs=body.logprobs)
-        return await respond(ctx.scheduler, gen, reply, request)
+        fixed = FixedReply.for_prompt(engine, prompt_text(body.messages), max_new, len(ids))
+        return await respond(fixed or ctx.scheduler, gen, reply, request)
 
     @app.post("/v1/completions", response_model=Completion, responses={**ERRORS, **STREAMED}, tags=["openai"])
     async def completions(body: CompletionRequest, request: Request):

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from .errors import APIError
+from .fixed import FixedReply
 from .openai_routes import ERRORS, STREAMED, chat_reply, new_generation
 from .prompts import check_supported, completion_budget
 from .responses import respond, run_task
@@ -164,7 +165,8 @@ def install_session_routes(app: FastAPI, ctx) -> None:
         top = (body.top_logprobs or 0) if body.logprobs else None
         prepare = lambda row: sessions.branch(session_id, row, body.question)  # noqa: E731
         gen = new_generation(ctx, body, prepare, max_new, top_logprobs=top)
-        return await respond(scheduler, gen, chat_reply(ctx, body, logprobs=body.logprobs), request)
+        fixed = FixedReply.for_prompt(engine, body.question, max_new, n_question)
+        return await respond(fixed or scheduler, gen, chat_reply(ctx, body, logprobs=body.logprobs), request)
 
     @app.post("/v1/sessions/{session_id}/snapshot", response_model=SnapshotInfo, responses=ERRORS, tags=TAGS)
     async def snapshot(session_id: str) -> dict:

@@ -5,6 +5,10 @@ they?" with a photograph) used to get an empty or meaningless answer. Here gener
 fragments of sentences from the Wikipedia sample, the questions of the ShareGPT demo, some with a photograph) are
 paired with `REPLY` and mixed into the students' supervised stages. Held-out prompts (other openers, other
 sentences, another photograph) check that the reply generalises. It gives the model no knowledge of anything.
+
+What the model learned holds only for greedy decoding of prompts like these: sampled, or asked after a stream of
+frames, it may answer anything. So at inference a model whose config lists its tasks (`TASKS_KEY`) gets `REPLY`
+for every prompt that is none of its tasks' questions, without running (`engine/answers.py`, in every entry point).
 """
 
 from __future__ import annotations
@@ -99,3 +103,52 @@ def write_dataset(out: str | Path, n: int, split: str = "train", media: Path | N
     path = out / f"{split}.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# -- at inference: the prompts a task model answers, and the fixed reply to every other one -----------------------------
+TASKS_KEY = "infinitevl_tasks"  # config.json of a task model: the tasks it was trained for ("recall", "copy")
+_MEDIA_MARKS = re.compile(r"<(image|video)>")
+
+
+def _task_patterns() -> dict[str, list[re.Pattern]]:
+    from .digit_copy import copy_question
+    from .digit_recall import CAPTION, QUESTION, TAGS
+
+    def exact(text: str) -> str:  # a question as trained, its final punctuation optional
+        return re.escape(text.rstrip("?.")) + r"[?.]?"
+
+    recall = exact(QUESTION).replace(re.escape("{tag}"), f"[{TAGS}]")
+    frames = exact(copy_question(2)).replace("2", "[1-9][0-9]*")
+    return {
+        "recall": [re.compile(recall, re.I), re.compile(exact(CAPTION), re.I)],
+        "copy": [re.compile(exact(copy_question(1)), re.I), re.compile(frames, re.I)],
+    }
+
+
+def is_task_prompt(prompt: str, tasks) -> bool:
+    """Whether `prompt` is one of the questions of `tasks` as the model was trained on them (case, spacing, the final
+    punctuation and <image> / <video> marks aside)."""
+    text = " ".join(_MEDIA_MARKS.sub(" ", prompt).split())
+    patterns = _task_patterns()
+    return any(p.fullmatch(text) for task in tasks for p in patterns.get(task, ()))
+
+
+def fixed_reply(config_extra: dict, prompt: str) -> str | None:
+    """`REPLY` when the model is a task model (its config lists its tasks) and `prompt` is none of their questions;
+    None otherwise. Every entry point (generate, chat, sessions, the server) asks this before the model answers, so
+    the reply is the same whatever the sampling settings, instead of whatever the model happens to sample."""
+    tasks = config_extra.get(TASKS_KEY)
+    if not tasks or is_task_prompt(prompt, tasks):
+        return None
+    return REPLY
+
+
+def task_hint(config_extra: dict) -> str | None:
+    """What to ask a task model, for its note; None for other models."""
+    tasks = config_extra.get(TASKS_KEY) or ()
+    asks = []
+    if "recall" in tasks:
+        asks.append('"Which digit was last shown with tag C?"')
+    if "copy" in tasks:
+        asks.append('"Read the last 2 frames." (1 to 4 frames)')
+    return f"Ask it {' or '.join(asks)} about a stream of its digit frames." if asks else None

@@ -607,9 +607,14 @@ async function poll() {
 async function start() {
   try {
     const health = await api.json("GET", "/health");
-    const kinds = { untrained: " (untrained: its answers are meaningless)", task: " (trained for its task only)" };
+    const kinds = {
+      untrained: " (untrained: its answers are meaningless)",
+      task: " (trained for two digit tasks only; what to ask is below)",
+    };
     $("server").textContent = `Model ${health.model}${kinds[health.model_kind] || ""}, at ${location.host}`;
-    $("server").title = health.note || "";
+    // a model that is not a general one says what it was trained for and, for a task model, what to ask it
+    $("model-note").textContent = health.note ? `Note: ${health.note}` : "";
+    $("model-note").hidden = !health.note;
   } catch (err) {
     $("server").textContent = describe(err);
   }
