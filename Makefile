@@ -28,7 +28,8 @@ browser:
 	else echo "chromium / chromium-driver are missing: tests/test_web_page.py will be skipped (install them as root: make browser)"; fi
 
 # The fused decode kernels (infinitevl/ops/fused.py) are compiled on first use with the system C++ compiler; without
-# one, decoding takes the plain PyTorch ops and their tests are skipped. As root (CI) g++ is installed when missing.
+# one, decoding takes the plain PyTorch ops and their tests are skipped (under CI=true they fail). As root (CI) g++
+# is installed when missing.
 compiler:
 	@if command -v "$${CXX:-g++}" >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \

@@ -26,6 +26,43 @@ def pytest_configure(config):
         raise pytest.UsageError(f"the official fixture is missing at {FIXTURE}: it is part of the repository")
 
 
+def in_ci() -> bool:
+    """CI=true (exported by .ci/run): tools a test exists for must be there."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def missing_tool(message: str):
+    """A tool that a test exists to exercise is missing: a skip that says so, and under CI=true a failure."""
+    if in_ci():
+        pytest.fail(f"{message} (CI=true: a missing tool is a failure, not a skip)")
+    pytest.skip(message)
+
+
+def require_compiler() -> None:
+    """The fused-kernel tests compare the kernels with the plain path: without a compiler there are no kernels."""
+    import shutil
+
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        missing_tool(
+            f"no C++ compiler ({compiler!r}): the fused decode kernels cannot be built (as root: make compiler)"
+        )
+
+
+def pytest_terminal_summary(terminalreporter):
+    """What was skipped and why, grouped by reason, after every run (pytest -q alone prints only a count)."""
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    if reasons:
+        terminalreporter.section("skipped, by reason")
+        for reason, count in sorted(reasons.items(), key=lambda item: -item[1]):
+            terminalreporter.write_line(f"{count:4d}  {reason}")
+
+
 @pytest.fixture(scope="session")
 def fixture_inputs() -> dict[str, dict[str, torch.Tensor]]:
     raw = load_file(str(FIXTURE / "inputs.safetensors"))

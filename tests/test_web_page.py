@@ -29,7 +29,7 @@ from pathlib import Path
 import av
 import httpx
 import pytest
-from conftest import MEDIA, ROOT
+from conftest import MEDIA, ROOT, missing_tool
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -73,9 +73,7 @@ PIXEL_LIMIT = 100_000  # the server's --max-image-pixels: 224 px frames pass, 44
 def need_browser() -> None:
     if CHROMIUM.exists() and CHROMEDRIVER.exists():
         return
-    if os.environ.get("CI"):
-        pytest.fail("chromium or chromedriver is missing in CI: `make test` installs them (`make browser`)")
-    pytest.skip("Debian's chromium and chromium-driver are not installed (as root: `make browser`)")
+    missing_tool("Debian's chromium and chromium-driver are not installed (as root: `make browser`)")
 
 
 def free_port() -> int:
