@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -203,10 +204,13 @@ def decode_figures(model, contexts, p, device, budget, progress) -> tuple[list[d
 
             if not checks:
                 checks.append(_graph_check(model, state, device))
-            graphed = GraphedDecoder(model, state)
-            graph = time_steps(lambda g=graphed: g(token), device, p["steps"], p["rounds"])
-            row.update(graph_s=graph["median_s"], graph_speedup=eager["median_s"] / graph["median_s"])
-            del graphed
+            try:
+                graphed = GraphedDecoder(model, state)
+                graph = time_steps(lambda g=graphed: g(token), device, p["steps"], p["rounds"])
+                row.update(graph_s=graph["median_s"], graph_speedup=eager["median_s"] / graph["median_s"])
+                del graphed
+            except Exception as e:  # noqa: BLE001 -- the eager figure stands; the error is reported
+                row.update(graph_s=None, graph_error=f"{type(e).__name__}: {e}")
         else:
             row.update(graph_s=None, graph_skipped="CUDA graphs need a CUDA device")
         rows.append(row)
@@ -469,7 +473,23 @@ def paper_rows(figures: dict[str, Any], card: str) -> list[dict[str, Any]]:
 
 
 # -- the command --------------------------------------------------------------------------------------------------------
-def run(device: torch.device, quick: bool, dtype: torch.dtype, budget_s: float | None, progress) -> dict[str, Any]:
+def fla_problem(device: torch.device) -> str | None:
+    """Why flash-linear-attention's kernels cannot be imported here (None: they can, or this is not a CUDA run)."""
+    from ..ops import backend
+
+    if device.type != "cuda" or not backend.fla_installed():
+        return None
+    try:
+        import fla.ops.gated_delta_rule  # noqa: F401
+    except Exception as e:  # noqa: BLE001 -- any failure to import means the torch ops must take over
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def run(device: torch.device, quick: bool, dtype: torch.dtype, budget_s: float | None, progress, save) -> dict:
+    """Checks, then each phase of figures; `save(record)` after each, so that a run cut short leaves its JSON. A
+    phase that raises is recorded under `errors` and the next one runs."""
+    from ..ops import backend
     from . import configs as C
     from .gpu_checks import run_all
 
@@ -478,28 +498,63 @@ def run(device: torch.device, quick: bool, dtype: torch.dtype, budget_s: float |
     budget = Budget(budget_s if budget_s is not None else p["budget_s"])
     info = describe(device)
     progress(f"on {info['card']}: torch {info['torch']}, triton {info['triton']}, fla {info['flash_linear_attention']}")
-    checks = run_all(device, quick, progress)
-    config = C.infinitevl_config(p["config"])
     figures: dict[str, Any] = {"config": p["config"], "dtype": str(dtype).removeprefix("torch.")}
-    progress(f"building {p['config']} with its vision tower on {device} in {figures['dtype']}")
-    model = C.build_infinitevl(config, vision=True, device=device, dtype=dtype)
-    figures["weight_bytes"] = C.weight_bytes(model)
-    figures["decode"], graph_checks = decode_figures(model, p["contexts"], p, device, budget, progress)
-    checks += graph_checks
-    figures["prefill"] = prefill_figures(model, p["prefill"], device, budget, progress)
-    figures["streaming"] = streaming_figures(model, config, p, device, budget, progress)
-    del model
-    reset_peak(device)
-    figures["baseline"] = baseline_figures(config, p, device, dtype, budget, progress)
-    return {
+    record: dict[str, Any] = {
         "command": "python -m infinitevl.bench.gpu " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "plan": "quick" if quick else "full",
         "machine": info,
-        "elapsed_s": time.perf_counter() - started,
-        "checks": checks,
+        "elapsed_s": 0.0,
+        "checks": [],
         "figures": figures,
-        "paper": paper_rows(figures, info["card"]),
+        "errors": {},
+        "paper": [],
     }
+
+    def checkpoint() -> None:
+        record["elapsed_s"] = time.perf_counter() - started
+        record["paper"] = paper_rows(figures, info["card"])
+        save(record)
+
+    def phase(name: str, fn, empty):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 -- a broken phase is a result; the others still run
+            record["errors"][name] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"
+            progress(f"{name} failed: {type(e).__name__}: {e}")
+            return empty
+        finally:
+            checkpoint()
+
+    problem = fla_problem(device)
+    if problem:
+        record["errors"]["fla_import"] = problem
+        progress(f"flash-linear-attention does not import ({problem}): the torch ops take over")
+    record["checks"] = phase("checks", lambda: run_all(device, quick, progress), [])
+    config = C.infinitevl_config(p["config"])
+    use = "torch" if problem else "auto"
+    figures["gdn_backend"] = backend.select(device) if not problem else "torch"
+    progress(f"building {p['config']} with its vision tower on {device} in {figures['dtype']}")
+    with backend.use_backend(use):
+        model = phase("build", lambda: C.build_infinitevl(config, vision=True, device=device, dtype=dtype), None)
+        if model is not None:
+            figures["weight_bytes"] = C.weight_bytes(model)
+            figures["decode"], graph_checks = phase(
+                "decode", lambda: decode_figures(model, p["contexts"], p, device, budget, progress), ([], [])
+            )
+            record["checks"] += graph_checks
+            figures["prefill"] = phase(
+                "prefill", lambda: prefill_figures(model, p["prefill"], device, budget, progress), []
+            )
+            figures["streaming"] = phase(
+                "streaming", lambda: streaming_figures(model, config, p, device, budget, progress), None
+            )
+        model = None  # freed before the baseline is built
+        reset_peak(device)
+        figures["baseline"] = phase(
+            "baseline", lambda: baseline_figures(config, p, device, dtype, budget, progress), {}
+        )
+    checkpoint()
+    return record
 
 
 def table(record: dict[str, Any]) -> str:
@@ -513,10 +568,11 @@ def table(record: dict[str, Any]) -> str:
         for c in checks
         if c["status"] in ("failed", "error")
     ]
+    lines += [f"  ERROR in {name}: {text.splitlines()[0]}" for name, text in record["errors"].items()]
     f = record["figures"]
-    base = f["baseline"]["decode"]
+    base = f.get("baseline", {}).get("decode", [])
     lines.append(f"decode ms/token ({f['config']}, {f['dtype']}): context | eager | CUDA graph | baseline")
-    for r in f["decode"]:
+    for r in f.get("decode", []):
         if r["status"] != "measured":
             lines.append(f"  {r['context']:>8} | {r['status']}")
             continue
@@ -531,7 +587,7 @@ def table(record: dict[str, Any]) -> str:
                 else next((x["status"] for x in base if x["context"] == r["context"]), "-")
             )
         )
-    for who, rows in (("InfiniteVL", f["prefill"]), ("baseline", f["baseline"]["prefill"])):
+    for who, rows in (("InfiniteVL", f.get("prefill", [])), ("baseline", f.get("baseline", {}).get("prefill", []))):
         for r in rows:
             value = f"{r['tokens_per_s']:,.0f} tokens/s" if r["status"] == "measured" else r["status"]
             lines.append(f"prefill {who} {r['tokens']}: {value}")
@@ -557,13 +613,15 @@ def main(argv: list[str] | None = None) -> int:
     def progress(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-    record = run(device, args.quick, dtype, args.budget_s, progress)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
+    def save(record: dict) -> None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
+
+    record = run(device, args.quick, dtype, args.budget_s, progress, save)
     print(table(record))
     print(f"JSON: {args.json}")
     bad = [c for c in record["checks"] if c["status"] in ("failed", "error")]
-    return 1 if bad else 0
+    return 1 if bad or record["errors"] else 0
 
 
 def _jsonable(x):

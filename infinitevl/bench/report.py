@@ -373,7 +373,9 @@ def _provenance(record: dict) -> str:
         f"`{record['command']}` ({record['plan']} plan), {m['date']}, {record['elapsed_s']:.0f} s; "
         f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, {fmt_bytes(m['ram_bytes'])} RAM, "
         f"torch {m['torch']}, transformers {m['transformers']}; {record['dtype']}, "
-        + ("the bundled trained model and the official fixture" if record["section"] == "quality" else "random weights")
+        + {"quality": "the bundled trained model and the official fixture", "ray": "the bundled model"}.get(
+            record["section"], "random weights"
+        )
     )
     others = record.get("other_load", {})
     if others.get("samples"):
@@ -906,6 +908,44 @@ def quality_md(record: dict) -> str:
     return text + "\n\n" + _method("quality")
 
 
+def ray_md(record: dict) -> str:
+    r = record["result"]
+    rows = []
+    for replicas, t in sorted(r["throughput"].items()):
+        rows.append([replicas, f"{t['sessions']} x {t['frames_per_session']} ({t['frame_size']}px)",
+                     f"{t['frames_per_s']:.2f}", f"{t['tokens_per_s']:.0f}", f"{t['wall_s']:.1f}",
+                     t["replicas_used"]])  # fmt: skip
+    text = (
+        "Ray's replicas, proxy and controller are processes of their own: the load of other processes above "
+        "includes them.\n\nSessions appending frames at once (one frame per request), one CPU and one torch "
+        "thread per replica:\n\n"
+    )
+    text += _table(["replicas", "sessions x frames", "frames/s", "tokens/s", "wall s", "replicas used"], rows)
+    m = r.get("move")
+    if m:
+        text += (
+            f"\n\nA session moves after `kill -9` of its replica in **{m['seconds']:.2f} s** (until an append to it "
+            f"is acknowledged again through the same URL, {m['attempts']} tries): its state is "
+            f"{fmt_bytes(m['state_bytes'])} in memory, read back from a {fmt_bytes(m['state_file_bytes'])} state file "
+            f"and a {fmt_bytes(m['journal_bytes'])} journal; it had {m['tokens_before']} tokens and "
+            f"{m['frames_before']} frames before the kill and all of them after it (then {m['tokens_after']} with the "
+            "new append)."
+        )
+    proxy = r["proxy"]
+    rows = [
+        [
+            name,
+            f"{proxy['plain'][name]['median_s'] * 1e3:.2f} ms",
+            f"{proxy['ray'][name]['median_s'] * 1e3:.2f} ms",
+            f"{proxy['added_s'][name] * 1e3:+.2f} ms",
+        ]
+        for name in proxy["plain"]
+    ]
+    text += "\n\nWhat Ray's proxy adds per request (medians of requests sent one at a time):\n\n"
+    text += _table(["request", "plain `infinitevl serve`", "through Ray's proxy", "added"], rows)
+    return text + "\n\n" + _method("ray")
+
+
 SECTION_MD = {
     "machine": ("The limit: this machine", machine_md),
     "decode": ("Decode latency against context", decode_md),
@@ -915,6 +955,7 @@ SECTION_MD = {
     "ops": ("Ops", ops_md),
     "precision": ("Precision: fp32, bf16, int8, int4 at real size", precision_md),
     "quality": ("Precision: quality against fp32", quality_md),
+    "ray": ("Ray Serve", ray_md),
 }
 
 
@@ -936,7 +977,8 @@ def gpu_md(record: dict | None) -> str:
         f"`{record['command']}` ({record['plan']} plan), {m['date']}, {record['elapsed_s']:.0f} s; "
         f"**{m['card']}** ({_gib(m['memory_bytes'])}), driver {m['driver']}, CUDA {m['cuda']}, torch {m['torch']}, "
         f"Triton {m['triton']}, flash-linear-attention {m['flash_linear_attention']}, transformers "
-        f"{m['transformers']}; {f['config']} widths, {f['dtype']}, random weights.",
+        f"{m['transformers']}; {f['config']} widths, {f['dtype']}, random weights, gated delta rule on "
+        f"{f.get('gdn_backend', 'fla')}.",
         "",
     ]
     groups: dict[str, list[dict]] = {}
@@ -957,9 +999,11 @@ def gpu_md(record: dict | None) -> str:
     bad = [c for c in record["checks"] if c["status"] in ("failed", "error")]
     if bad:
         lines += ["", "**Failed:** " + "; ".join(f"`{c['check']}` ({c.get('rel_err', c.get('error'))})" for c in bad)]
-    base = {b["context"]: b for b in f["baseline"]["decode"]}
+    for name, text in record.get("errors", {}).items():
+        lines += ["", f"**{name} did not complete:** `{text.splitlines()[0]}`"]
+    base = {b["context"]: b for b in f.get("baseline", {}).get("decode", [])}
     rows = []
-    for r in f["decode"]:
+    for r in f.get("decode", []):
         b = base.get(r["context"], {})
         measured = r["status"] == "measured"
         graph = r.get("graph_s")
@@ -977,6 +1021,9 @@ def gpu_md(record: dict | None) -> str:
         )
     header = ["context", "InfiniteVL eager ms", "CUDA graph ms (speedup)", "Qwen2.5-VL ms", "ratio", "peak memory"]
     lines += ["", "Decode, one token:", "", _table(header, rows)]
+    graph_errors = sorted({r["graph_error"] for r in f.get("decode", []) if r.get("graph_error")})
+    if graph_errors:
+        lines += ["", "**CUDA graph failed:** " + "; ".join(f"`{e}`" for e in graph_errors)]
     rows = [
         [
             who,
@@ -984,7 +1031,7 @@ def gpu_md(record: dict | None) -> str:
             f"{r['tokens_per_s']:,.0f}" if r["status"] == "measured" else r["status"],
             _gib(r["peak_bytes"]) if r["status"] == "measured" else "-",
         ]
-        for who, pts in (("InfiniteVL", f["prefill"]), ("Qwen2.5-VL", f["baseline"]["prefill"]))
+        for who, pts in (("InfiniteVL", f.get("prefill", [])), ("Qwen2.5-VL", f.get("baseline", {}).get("prefill", [])))
         for r in pts
     ]
     lines += ["", "Prefill:", "", _table(["model", "tokens", "tokens/s", "peak memory"], rows)]
