@@ -1,18 +1,17 @@
 """The fused C++ decode kernels (ops/fused.py, ops/csrc/decode.cpp) against the plain PyTorch path they replace.
 
-In fp32 (INFINITEVL_FUSED_DECODE=1) the two must agree to rounding: same arithmetic, other summation order. In bf16
+In fp32 (decode path "1") the two must agree to rounding: same arithmetic, other summation order. In bf16
 both round differently from fp32, so the fused path is held to the plain bf16 path's own distance from fp32."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_model
+from conftest import ROOT, require_compiler, tiny_model
 
 from infinitevl.engine.generation import decode_step, prefill
 from infinitevl.ops import fused
@@ -35,9 +34,9 @@ CONFIGS = {
 @pytest.fixture
 def kernels():
     """The tests below compare the kernels with the plain path: without them they would compare the plain path with
-    itself. No compiler at all is a skip (`make test` installs g++ as root); a failed build is a failure."""
-    if shutil.which(os.environ.get("CXX", "g++")) is None:
-        pytest.skip("no C++ compiler here: decoding has only the plain path (install g++, or run make test as root)")
+    itself. No compiler at all is a skip, and a failure under CI=true (`make test` installs g++ as root); a failed
+    build is always a failure."""
+    require_compiler()
     assert fused.library() is not None, fused.status(torch.bfloat16)
 
 
@@ -47,10 +46,10 @@ def test_the_kernels_build_and_serve_bf16_models():
     assert "plain PyTorch" in fused.status(torch.float32)
 
 
-def run(model, mode: str, monkeypatch, steps: int = 12):
+def run(model, mode: str, steps: int = 12):
     """Two left-padded streams (11 and 37 tokens: the 24-token window wraps in one of them), then `steps` decode
-    steps fed fixed tokens. Returns (logits [steps, 2, V] fp32, the state)."""
-    monkeypatch.setenv("INFINITEVL_FUSED_DECODE", mode)
+    steps fed fixed tokens on the decode path `mode`. Returns (logits [steps, 2, V] fp32, the state)."""
+    assert model.language_model.set_decode_path(mode) == (mode == "1" or model.dtype == torch.bfloat16 and mode != "0")
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 300, (2, 37), generator=gen)
     mask = torch.ones_like(ids)
@@ -70,10 +69,10 @@ def state_gap(a, b) -> float:
 
 @pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_fp32_kernels_equal_the_plain_path(name, monkeypatch):
+def test_fp32_kernels_equal_the_plain_path(name):
     model = tiny_model(**CONFIGS[name])
-    plain, s_plain = run(model, "0", monkeypatch)
-    got, s_got = run(model, "1", monkeypatch)
+    plain, s_plain = run(model, "0")
+    got, s_got = run(model, "1")
     # measured (2026-12-01): logits differ by <= 4.3e-6 of their largest value (summation order); states <= 1.7e-5
     assert (got - plain).abs().max() <= 1e-5 * plain.abs().max()
     assert state_gap(s_plain, s_got) < 1e-4
@@ -82,12 +81,12 @@ def test_fp32_kernels_equal_the_plain_path(name, monkeypatch):
 
 @pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_bf16_kernels_are_as_close_to_fp32_as_the_plain_bf16_path(name, monkeypatch):
+def test_bf16_kernels_are_as_close_to_fp32_as_the_plain_bf16_path(name):
     model = tiny_model(**CONFIGS[name])
-    reference, _ = run(model, "0", monkeypatch)
+    reference, _ = run(model, "0")
     model.to(torch.bfloat16)
-    plain, _ = run(model, "0", monkeypatch)
-    got, state = run(model, "auto", monkeypatch)
+    plain, _ = run(model, "0")
+    got, state = run(model, "auto")
     assert all(layer.memory.dtype == torch.float32 for layer in state.layers if hasattr(layer, "memory"))
     err_plain = (plain - reference).abs().mean().item()
     err_got = (got - reference).abs().mean().item()
@@ -99,7 +98,7 @@ def test_bf16_kernels_are_as_close_to_fp32_as_the_plain_bf16_path(name, monkeypa
 
 
 @pytest.mark.usefixtures("kernels")
-def test_bundled_model_decodes_as_well_fused_as_plain(monkeypatch):
+def test_bundled_model_decodes_as_well_fused_as_plain():
     """The trained bundled model in bf16, int8 and int4 (as users run it): 64 decode steps after a 300-token prompt,
     KL to fp32 per step and top-1 agreement, fused against plain."""
     from infinitevl.defaults import default_model_folder
@@ -115,7 +114,7 @@ def test_bundled_model_decodes_as_well_fused_as_plain(monkeypatch):
     )
 
     def steps(model, mode):
-        monkeypatch.setenv("INFINITEVL_FUSED_DECODE", mode)
+        model.language_model.set_decode_path(mode)
         state = model.new_state()
         with torch.no_grad():
             prefill(model, state, prompt)
@@ -197,14 +196,17 @@ def test_bf16_linear_kernel(rows, n, k):
 
     from infinitevl.ops.linear import MAX_ROWS, linear
 
-    if "avx512_bf16" not in fused.features():
-        pytest.skip("the kernels were built without AVX512-BF16: bf16 layers use F.linear")
+    if "avx512_bf16" not in fused_cpu_flags() or fused.arch() != "native":
+        pytest.skip(
+            f"this CPU lacks AVX512-BF16 (or the kernels target -march={fused.arch()}): bf16 layers use F.linear"
+        )
+    assert "avx512_bf16" in fused.features(), "the CPU has AVX512-BF16 but the kernels were built without it"
     gen = torch.Generator().manual_seed(0)
     x, w, b = (torch.randn(*shape, generator=gen).to(torch.bfloat16) for shape in ((rows, k), (n, k), (n,)))
     want = F.linear(x.float(), w.float(), b.float())
     plain = F.linear(x, w, b).float()
     assert fused.linear_applies(x, w, MAX_ROWS)
-    got = linear(x, w, b).float()
+    got = linear(x, w, b, kernel=True).float()
     # measured (2026-12-01): the same max error as F.linear's (both are the final rounding to bf16)
     assert (got - want).abs().max() <= 1.5 * (plain - want).abs().max() + 1e-6
     assert not fused.linear_applies(torch.randn(MAX_ROWS + 1, k).to(torch.bfloat16), w, MAX_ROWS)
@@ -219,7 +221,7 @@ def test_rms_norm_kernel(dtype):
     x, h = (torch.randn(3, 256, generator=gen).to(dtype) for _ in range(2))
     w = torch.randn(256, generator=gen).to(dtype)
     normed, same = fused.rms_norm(x, w, 1e-6)
-    assert same is x
+    assert same is x and normed.data_ptr() != x.data_ptr()
     want = rms_norm(x, w, 1e-6)
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     assert (normed.float() - want.float()).abs().max() <= tol * want.float().abs().max()
@@ -269,3 +271,36 @@ def fused_cpu_flags() -> frozenset[str]:
     from infinitevl.ops.precision import cpu_flags
 
     return cpu_flags()
+
+
+@pytest.mark.usefixtures("kernels")
+def test_the_decode_path_is_decided_once_per_dtype(monkeypatch):
+    """INFINITEVL_FUSED_DECODE is read when the model decides (its first decode step, then after a dtype change),
+    not per step or per layer; the decision covers the layers' bf16 linear products too."""
+    from infinitevl.ops.linear import Linear
+
+    reads = []
+    real_mode = fused.mode
+    monkeypatch.setattr(fused, "mode", lambda: reads.append(1) or real_mode())
+    model = tiny_model()
+    ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(0))
+
+    def decode(n: int):
+        state = model.new_state()
+        with torch.no_grad():
+            prefill(model, state, ids)
+            for t in ids[0, :n]:
+                decode_step(model, state, t.view(1))
+
+    decode(5)
+    text = model.language_model
+    assert len(reads) == 1 and not text.decode_kernels  # fp32 under auto: the plain path
+    model.to(torch.bfloat16)
+    decode(5)
+    assert len(reads) == 2 and text.decode_kernels
+    gemv = "avx512_bf16" in fused.features()
+    assert all(m.kernel == gemv for m in text.modules() if isinstance(m, Linear))
+    monkeypatch.setenv("INFINITEVL_FUSED_DECODE", "0")  # read only at the next decision
+    decode(3)
+    assert len(reads) == 2 and text.decode_kernels
+    assert text.set_decode_path("0") is False and not any(m.kernel for m in text.modules() if isinstance(m, Linear))

@@ -161,8 +161,8 @@ def worker(task: dict[str, Any]) -> dict[str, Any]:
         # the machine hits both; and the same step on the plain PyTorch ops where the fused kernels apply
         steps = {"step": lambda s=first: decode_step(model, s, token), "matmuls": matmuls}
         out["decode_kernels"] = fused.status(model.dtype)
-        if fused.applies(x):
-            steps["plain"] = lambda s=first: _plain(lambda: decode_step(model, s, token))
+        if model.language_model.decode_kernels:
+            steps["plain"] = lambda s=first: _plain(model, lambda: decode_step(model, s, token))
         split = measure_interleaved(steps, task["repeats"], warmup=task["warmup"])
         out["matmuls"], out["overhead_step"], out["plain_step"] = split["matmuls"], split["step"], split.get("plain")
         del states, first
@@ -191,19 +191,15 @@ def worker(task: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _plain(fn):
-    """fn() with the fused decode kernels switched off (ops/fused.py)."""
-    import os
-
-    previous = os.environ.get("INFINITEVL_FUSED_DECODE")
-    os.environ["INFINITEVL_FUSED_DECODE"] = "0"
+def _plain(model, fn):
+    """fn() with the model's fused decode kernels switched off (ops/fused.py)."""
+    text = model.language_model
+    previous = text._decode_request
+    text.set_decode_path("0")
     try:
         return fn()
     finally:
-        if previous is None:
-            del os.environ["INFINITEVL_FUSED_DECODE"]
-        else:
-            os.environ["INFINITEVL_FUSED_DECODE"] = previous
+        text.set_decode_path(previous)
 
 
 def run_worker(task: dict[str, Any], timeout: float) -> dict[str, Any]:

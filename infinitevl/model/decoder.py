@@ -3,25 +3,28 @@
     h = x + mixer(input_layernorm(x));   y = h + mlp(post_attention_layernorm(h));   final `norm`
 
 The mixer attribute is `self_attn` in both kinds of layer, as in the checkpoints. One forward serves training, a
-full pass, chunked prefill and one-token decoding: the difference is only whether a state is passed.
+full pass, chunked prefill and one-token decoding: the difference is only whether a state is passed. Whether decode
+steps run the fused C++ kernels (ops/fused.py) is decided once per dtype and device (`set_decode_path`); each op of
+a decode step is then the kernel or its plain reference (model/step.py).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import LINEAR, TextConfig
+from ..config import LINEAR, SINK, SPARSE, TextConfig
 from ..ops import fused
 from ..ops.linear import Linear
 from ..ops.norm import rms_norm
 from ..state import InfiniteVLState
+from . import step
 from .gdn import GatedDeltaNet
 from .layout import TokenLayout
 from .rope import rope_cos_sin
 from .swa import SlidingWindowAttention
+from .variant_attention import BlockSparseAttention, SinkWindowAttention
 
 
 class RMSNorm(nn.Module):
@@ -43,44 +46,32 @@ class MLP(nn.Module):
         self.up_proj = Linear(hidden, intermediate, bias=False)
         self.down_proj = Linear(intermediate, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, kernels: bool = False) -> torch.Tensor:
+        return self.down_proj(step.silu_mul(self.gate_proj(x), self.up_proj(x), kernels))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: TextConfig, layer_idx: int):
         super().__init__()
         self.layer_type = config.layer_types[layer_idx]
-        mixer = GatedDeltaNet if self.layer_type == LINEAR else SlidingWindowAttention
+        mixer = {LINEAR: GatedDeltaNet, SINK: SinkWindowAttention, SPARSE: BlockSparseAttention}.get(
+            self.layer_type, SlidingWindowAttention
+        )
         self.self_attn = mixer(config, layer_idx)
         self.mlp = MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, layout, layer_state=None, past_tokens=None) -> torch.Tensor:
-        h = self.input_layernorm(x)
+    def forward(self, x, cos, sin, layout, layer_state=None, past_tokens=None, kernels=False) -> torch.Tensor:
+        """`kernels`: a decode step through the fused kernels (the caller decided; model/step.py)."""
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        h, _ = step.rms_norm(x, norm1.weight, norm1.eps, kernels=kernels)
         if self.layer_type == LINEAR:
-            h = self.self_attn(h, layout, layer_state)
+            h = self.self_attn(h, layout, layer_state, kernels=kernels)
         else:
-            h = self.self_attn(h, cos, sin, layout, layer_state, past_tokens)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-    def decode_fused(self, x, cos, sin, layout, layer_state, past_tokens) -> torch.Tensor:
-        """`forward` for one token per row with a state, through the fused kernels (ops/fused.py): x [B, 1, d]."""
-        B, _, d = x.shape
-        flat = x.reshape(B, d)
-        norm1, norm2, mixer, mlp = self.input_layernorm, self.post_attention_layernorm, self.self_attn, self.mlp
-        h, _ = fused.rms_norm(flat, norm1.weight, norm1.eps)
-        if self.layer_type == LINEAR:
-            h = mixer.decode_fused(h, layer_state)
-        elif mixer.window is not None:
-            h = mixer.decode_fused(h, cos, sin, layer_state, past_tokens)
-        else:  # full attention (teacher-style layers) keeps its bounded cache's checks
-            h = mixer(h.view(B, 1, d), cos, sin, layout, layer_state, past_tokens).reshape(B, d)
-        normed, flat = fused.rms_norm(flat, norm2.weight, norm2.eps, h)
-        up = fused.kernels().silu_mul(mlp.gate_proj(normed), mlp.up_proj(normed))
-        return (flat + mlp.down_proj(up)).view(B, 1, d)
+            h = self.self_attn(h, cos, sin, layout, layer_state, past_tokens, kernels=kernels)
+        normed, x = step.rms_norm(x, norm2.weight, norm2.eps, residual=h, kernels=kernels)
+        return x + self.mlp(normed, kernels)
 
 
 class InfiniteVLTextModel(nn.Module):
@@ -93,6 +84,22 @@ class InfiniteVLTextModel(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
+        self.decode_kernels = False  # see set_decode_path
+        self._decode_request: str | None = None
+        self._decided_for: tuple | None = None
+
+    def set_decode_path(self, mode: str | None = None) -> bool:
+        """Decide whether decode steps take the fused kernels (ops/fused.py): `mode` is one of fused.MODES, None for
+        INFINITEVL_FUSED_DECODE. Decided for the current dtype and device; a later dtype or device change decides
+        again with the same `mode`. Builds the kernels when they apply. Returns the decision."""
+        weight = self.norm.weight
+        self.decode_kernels = fused.decides(weight.dtype, weight.device, mode)
+        self._decode_request, self._decided_for = mode, (weight.dtype, weight.device)
+        gemv = self.decode_kernels and "avx512_bf16" in fused.features()
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.kernel = gemv
+        return self.decode_kernels
 
     def forward(
         self,
@@ -115,18 +122,20 @@ class InfiniteVLTextModel(nn.Module):
         cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section, inputs_embeds.dtype)
         x = inputs_embeds
         hiddens = [x] if output_hidden_states else None
-        fast = state is not None and layout.is_single_token and fused.applies(x)
+        kernels = False
+        if state is not None and layout.is_single_token and not (torch.is_grad_enabled() and x.requires_grad):
+            if self._decided_for != (self.norm.weight.dtype, self.norm.weight.device):
+                self.set_decode_path(self._decode_request)
+            kernels = self.decode_kernels
         for i, layer in enumerate(self.layers):
             layer_state = state.layers[i] if state is not None else None
-            if fast:
-                x = layer.decode_fused(x, cos, sin, layout, layer_state, past)
-            elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, layout, layer_state, past, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, layout, layer_state, past)
+                x = layer(x, cos, sin, layout, layer_state, past, kernels)
             if hiddens is not None and i < len(self.layers) - 1:
                 hiddens.append(x)
-        x = fused.rms_norm(x.reshape(B, -1), self.norm.weight, self.norm.eps)[0].view(x.shape) if fast else self.norm(x)
+        x = step.rms_norm(x, self.norm.weight, self.norm.eps, kernels=kernels)[0]
         if hiddens is not None:
             hiddens.append(x)  # as the official model: the last entry is after the final norm
         if state is not None:

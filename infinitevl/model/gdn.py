@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
-from ..ops import backend, fused
-from ..ops.gated_delta import gated_delta_rule_step
+from ..ops import backend
 from ..ops.linear import Linear
 from ..ops.norm import gated_rms_norm
-from ..ops.short_conv import causal_conv1d, causal_conv1d_step
+from ..ops.short_conv import causal_conv1d
 from ..state import LinearLayerState
+from . import step
 from .layout import TokenLayout
 
 
@@ -78,30 +78,19 @@ class GatedDeltaNet(nn.Module):
             g = g * layout.valid.unsqueeze(-1)
         return beta, g
 
-    def forward(self, x: torch.Tensor, layout: TokenLayout, state: LinearLayerState | None = None) -> torch.Tensor:
-        """x [B, T, d] -> [B, T, d]; `state` (if given) is read and updated in place."""
+    def forward(
+        self, x: torch.Tensor, layout: TokenLayout, state: LinearLayerState | None = None, kernels: bool = False
+    ) -> torch.Tensor:
+        """x [B, T, d] -> [B, T, d]; `state` (if given) is read and updated in place. One token per row with a state
+        is a decode step (`decode`, through the fused kernels when `kernels`)."""
+        if state is not None and layout.is_single_token:
+            return self.decode(x, state, kernels)
         B, T, _ = x.shape
         H, KVh, Dk, Dv = self.num_heads, self.num_kv_heads, self.head_k_dim, self.head_v_dim
         projected = (self.q_proj(x), self.k_proj(x), self.v_proj(x))
         convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
         beta, g = self.gates(x, layout)
-        if state is not None and layout.is_single_token:
-            tails = (state.conv_q, state.conv_k, state.conv_v)
-            q, k, v = (
-                causal_conv1d_step(p[:, 0], c.weight, tail, inplace=True)[0].unsqueeze(1)
-                for p, c, tail in zip(projected, convs, tails)
-            )
-            o, _ = gated_delta_rule_step(
-                q.view(B, 1, H, Dk),
-                k.view(B, 1, KVh, Dk),
-                v.view(B, 1, KVh, Dv),
-                g,
-                beta,
-                state.memory,
-                use_qk_l2norm=True,
-                inplace=True,
-            )
-        elif layout.segments is not None:
+        if layout.segments is not None:
             o = self._per_sample(projected, convs, g, beta, layout)
         else:
             tails = (state.conv_q, state.conv_k, state.conv_v) if state is not None else (None, None, None)
@@ -130,20 +119,23 @@ class GatedDeltaNet(nn.Module):
         o = self.o_norm(o.to(x.dtype), gate)
         return self.o_proj(o.reshape(B, T, H * Dv))
 
-    def decode_fused(self, x: torch.Tensor, state: LinearLayerState) -> torch.Tensor:
-        """One token per row through the fused kernel (ops/fused.py): x [B, d] -> [B, d], `state` updated in place;
-        the same arithmetic as `forward`'s single-token branch. The 16-row gate projections run inside the kernel
-        when they are plain layers in the activations' dtype (as quantization leaves them)."""
+    def decode(self, x: torch.Tensor, state: LinearLayerState, kernels: bool = False) -> torch.Tensor:
+        """One token per row: x [B, 1, d] -> [B, 1, d], `state` updated in place (model/step.py). With the kernels,
+        the 16-row gate projections run inside them when they are plain layers in the activations' dtype (as
+        quantization leaves them)."""
+        B, _, d = x.shape
+        x = x.view(B, d)
         a_proj, b_proj = self.a_proj, self.b_proj
         inside = (
-            type(a_proj) is Linear
+            kernels
+            and type(a_proj) is Linear
             and type(b_proj) is Linear
             and a_proj.bias is None
             and b_proj.bias is None
             and a_proj.weight.dtype == b_proj.weight.dtype == x.dtype
         )
         a, b = (a_proj.weight, b_proj.weight) if inside else (a_proj(x), b_proj(x))
-        o = fused.kernels().gdn_decode(
+        o = step.gdn_decode(
             self.q_proj(x),
             self.k_proj(x),
             self.v_proj(x),
@@ -152,20 +144,16 @@ class GatedDeltaNet(nn.Module):
             x,
             inside,
             self.g_proj(x),
-            self.q_conv1d.weight,
-            self.k_conv1d.weight,
-            self.v_conv1d.weight,
-            state.conv_q,
-            state.conv_k,
-            state.conv_v,
-            state.memory,
+            (self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight),
+            state,
             self.A_log,
             self.dt_bias,
             self.o_norm.weight,
             self.o_norm.eps,
             self.head_k_dim**-0.5,
+            kernels,
         )
-        return self.o_proj(o)
+        return self.o_proj(o).view(B, 1, d)
 
     def _per_sample(self, projected, convs, g, beta, layout: TokenLayout) -> torch.Tensor:
         """Packed rows: every sample gets its own conv history and memory, both starting from zero."""

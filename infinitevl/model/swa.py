@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from ..config import TextConfig
-from ..ops import fused
-from ..ops.attention import attention_decode, sliding_window_attention
+from ..ops.attention import sliding_window_attention
 from ..ops.linear import Linear
 from ..state import AttentionLayerState
+from . import step
 from .layout import TokenLayout
 from .rope import apply_rope
 
@@ -39,8 +39,12 @@ class SlidingWindowAttention(nn.Module):
         layout: TokenLayout,
         state: AttentionLayerState | None = None,
         past_tokens: torch.Tensor | None = None,
+        kernels: bool = False,
     ) -> torch.Tensor:
-        """x [B, T, d] -> [B, T, d]; cos/sin [B, T, head_dim]; `state` (if given) is read and updated in place."""
+        """x [B, T, d] -> [B, T, d]; cos/sin [B, T, head_dim]; `state` (if given) is read and updated in place. One
+        token per row with a state is a decode step (`decode`, through the fused kernel when `kernels`)."""
+        if state is not None and layout.is_single_token:
+            return self.decode(x, cos, sin, state, past_tokens, kernels)
         B, T, _ = x.shape
         H, KV, hd = self.num_heads, self.num_kv_heads, self.head_dim
         q = apply_rope(self.q_proj(x).view(B, T, H, hd), cos, sin)
@@ -49,9 +53,6 @@ class SlidingWindowAttention(nn.Module):
         if state is None:
             seg = layout.segments
             o = sliding_window_attention(q, k, v, layout.positions, layout.positions, self.window, q_seg=seg, k_seg=seg)
-        elif layout.is_single_token:
-            ring_k, ring_v, ring_pos = state.filled(past_tokens)
-            o = attention_decode(q, ring_k, ring_v, ring_pos >= 0, k, v)
         else:
             ring_k, ring_v, ring_pos = state.ordered(past_tokens)
             keys = torch.cat([ring_k.transpose(1, 2), k.to(ring_k.dtype)], dim=1)
@@ -64,31 +65,31 @@ class SlidingWindowAttention(nn.Module):
                 torch.cat([ring_pos, layout.positions], dim=1),
                 self.window,
             )
-        if state is not None:
             state.write(k, v, layout.positions)
         return self.o_proj(o.reshape(B, T, H * hd))
 
-    def decode_fused(
+    def decode(
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
         state: AttentionLayerState,
         past_tokens: torch.Tensor,
+        kernels: bool = False,
     ) -> torch.Tensor:
-        """One token per row through the fused kernel (ops/fused.py): x [B, d] -> [B, d]; RoPE, attention over the
-        ring and the token itself, and the ring write in one call (sliding layers only)."""
-        B = x.shape[0]
-        o = fused.kernels().swa_decode(
+        """One token per row: x [B, 1, d] -> [B, 1, d]; RoPE, attention over the ring and the token itself, and the
+        ring write (model/step.py)."""
+        B, _, d = x.shape
+        x = x.view(B, d)
+        o = step.swa_decode(
             self.q_proj(x),
             self.k_proj(x),
             self.v_proj(x),
-            cos.reshape(B, self.head_dim),
-            sin.reshape(B, self.head_dim),
-            state.keys,
-            state.values,
-            state.positions,
+            cos,
+            sin,
+            state,
             past_tokens,
             self.head_dim**-0.5,
+            kernels,
         )
-        return self.o_proj(o)
+        return self.o_proj(o).view(B, 1, d)

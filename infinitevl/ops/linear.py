@@ -41,11 +41,13 @@ def fast_path_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, kernel: bool = False
+) -> torch.Tensor:
     """F.linear(x, weight, bias); for up to 16 rows and a large weight on CPU, as a batched product of halves (fp32)
-    or the fused kernels' bf16 product (ops/fused.py)."""
-    if x.dtype == torch.bfloat16 and fused.linear_applies(x, weight, MAX_ROWS):
-        return fused.kernels().linear_bf16(x, weight, bias)
+    or, with `kernel` (the model decodes with the fused kernels, ops/fused.py), their bf16 product."""
+    if kernel and fused.linear_applies(x, weight, MAX_ROWS):
+        return torch.ops.infinitevl.linear_bf16(x, weight, bias)
     if not fast_path_applies(x, weight):
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
@@ -57,7 +59,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and checkpoint names) through `linear`."""
+    """nn.Linear (same parameters and checkpoint names) through `linear`. `kernel` is set by the model that holds the
+    layer when it decides its decode path (`InfiniteVLTextModel.set_decode_path`)."""
+
+    kernel = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.kernel)

@@ -6,12 +6,16 @@
 // where the plain path stores an intermediate in it. Built by `fused.py` with the system C++ compiler and loaded as
 // torch ops (`torch.ops.infinitevl.*`); the plain path in ops/ stays the reference they are tested against.
 //
-//   rms_norm(x, weight, eps, residual?)  -> (normed, x + residual)          x, residual [R, d]
+//   rms_norm(x, weight, eps)             -> normed                          x [..., d]
+//   add_rms_norm(x, residual, weight, eps) -> (normed, x + residual)        x, residual [..., d]
 //   silu_mul(gate, up)                   -> silu(gate) * up                 the MLP's activation
 //   linear_bf16(x, weight, bias?)        -> x W^T + b, bf16, few rows       (AVX512-BF16 builds; features())
 //   gdn_decode(...)                      -> gated-normed output [B, H*Dv]   updates conv tails and memory in place;
 //                                           a / b are the gate projections [B, H], or (project_ab) their weights
 //   swa_decode(...)                      -> attention output [B, H*D]       writes the token into the ring buffer
+//
+// They are public torch ops: every entry point checks the device, dtype, layout and shape of everything it reads or
+// writes (TORCH_CHECK, a RuntimeError in Python) before touching memory. fused.py registers their fake (meta) kernels.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -126,6 +130,24 @@ inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x));
 
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "infinitevl fused decode: ", what); }
 
+// `name` is a CPU tensor of exactly `shape`
+void check_shape(const Tensor& t, const char* op, const char* name, std::initializer_list<int64_t> shape) {
+  TORCH_CHECK(t.device().is_cpu(), "infinitevl.", op, ": ", name, " must be a CPU tensor, not ", t.device());
+  TORCH_CHECK(t.sizes() == c10::IntArrayRef(shape), "infinitevl.", op, ": ", name, " has shape ", t.sizes(),
+              ", expected ", c10::IntArrayRef(shape));
+}
+void check_dtype(const Tensor& t, const char* op, const char* name, at::ScalarType want) {
+  TORCH_CHECK(t.scalar_type() == want, "infinitevl.", op, ": ", name, " is ", t.scalar_type(), ", expected ", want);
+}
+void check_float(const Tensor& t, const char* op, const char* name) {  // the two dtypes the kernels compute in
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, "infinitevl.", op, ": ", name,
+              " is ", t.scalar_type(), ", expected float32 or bfloat16");
+}
+// a tensor the kernel writes in place: it must be the caller's own contiguous buffer
+void check_buffer(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), "infinitevl.", op, ": ", name, " is written in place and must be contiguous");
+}
+
 std::vector<float> as_floats(const Tensor& t) {  // a small parameter vector (heads, a head's width), no dispatch
   check(t.is_contiguous(), "parameters must be contiguous");
   std::vector<float> out(t.numel());
@@ -179,20 +201,47 @@ void rms_norm_rows(const T* x, const T* res, const T* w, T* out, T* sum, int64_t
   });
 }
 
-std::tuple<Tensor, Tensor> rms_norm(const Tensor& x, const Tensor& weight, double eps,
-                                    const std::optional<Tensor>& residual) {
-  check(x.is_contiguous() && weight.is_contiguous() && x.device().is_cpu(), "rms_norm needs contiguous CPU inputs");
-  check(weight.scalar_type() == x.scalar_type(), "rms_norm weight and input dtypes differ");
+// x [..., d] and residual (if any) of x's shape, weight [d], all CPU tensors of one dtype
+void check_norm(const Tensor& x, const Tensor& weight, const Tensor* residual, const char* op) {
+  check_float(x, op, "x");
+  TORCH_CHECK(x.device().is_cpu(), "infinitevl.", op, ": x must be a CPU tensor, not ", x.device());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "infinitevl.", op, ": x must have a last dimension of at least 1");
+  check_shape(weight, op, "weight", {x.size(-1)});
+  check_dtype(weight, op, "weight", x.scalar_type());
+  if (residual) {
+    TORCH_CHECK(residual->device().is_cpu() && residual->sizes() == x.sizes(), "infinitevl.", op,
+                ": residual has shape ", residual->sizes(), ", expected x's ", x.sizes(), " on the CPU");
+    check_dtype(*residual, op, "residual", x.scalar_type());
+  }
+}
+
+template <typename T>
+void norm_dispatch(const Tensor& x, const Tensor& weight, const Tensor* residual, Tensor& out, Tensor* sum,
+                   float eps) {
   const int64_t d = x.size(-1), rows = x.numel() / d;
-  check(weight.numel() == d, "rms_norm weight width");
+  rms_norm_rows<T>(x.data_ptr<T>(), residual ? residual->data_ptr<T>() : nullptr, weight.data_ptr<T>(),
+                   out.data_ptr<T>(), sum ? sum->data_ptr<T>() : nullptr, rows, d, eps);
+}
+
+Tensor rms_norm(Tensor x, Tensor weight, double eps) {
+  check_norm(x, weight, nullptr, "rms_norm");
+  x = x.contiguous();
+  weight = weight.contiguous();
   Tensor out = at::empty(x.sizes(), x.options());
-  Tensor sum = residual ? at::empty(x.sizes(), x.options()) : x;
-  if (residual) check(residual->sizes() == x.sizes() && residual->is_contiguous() &&
-                          residual->scalar_type() == x.scalar_type(), "residual shape, dtype or layout");
   dispatch2(x.scalar_type(), at::kFloat, [&](auto a, auto) {
-    using T = decltype(a);
-    rms_norm_rows<T>(x.data_ptr<T>(), residual ? residual->data_ptr<T>() : nullptr, weight.data_ptr<T>(),
-                     out.data_ptr<T>(), sum.data_ptr<T>(), rows, d, static_cast<float>(eps));
+    norm_dispatch<decltype(a)>(x, weight, nullptr, out, nullptr, static_cast<float>(eps));
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> add_rms_norm(Tensor x, Tensor residual, Tensor weight, double eps) {
+  check_norm(x, weight, &residual, "add_rms_norm");
+  x = x.contiguous();
+  residual = residual.contiguous();
+  weight = weight.contiguous();
+  Tensor out = at::empty(x.sizes(), x.options()), sum = at::empty(x.sizes(), x.options());
+  dispatch2(x.scalar_type(), at::kFloat, [&](auto a, auto) {
+    norm_dispatch<decltype(a)>(x, weight, &residual, out, &sum, static_cast<float>(eps));
   });
   return {out, sum};
 }
@@ -212,18 +261,29 @@ std::vector<std::string> features() {
   return out;
 }
 
-Tensor linear_bf16(Tensor x, const Tensor& weight, const std::optional<Tensor>& bias) {
+Tensor linear_bf16(Tensor x, Tensor weight, const std::optional<Tensor>& bias) {
+  const char* op = "linear_bf16";
+  check_dtype(x, op, "x", at::kBFloat16);
+  check_dtype(weight, op, "weight", at::kBFloat16);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) > 0, "infinitevl.linear_bf16: weight must be [N, K] with K > 0, not ",
+              weight.sizes());
+  const int64_t N = weight.size(0), K = weight.size(1);
+  check_shape(weight, op, "weight", {N, K});  // on the CPU
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 1 && x.size(-1) == K, "infinitevl.linear_bf16: x [..., K=", K,
+              "] on the CPU expected, got ", x.sizes(), " on ", x.device());
+  if (bias) {
+    check_shape(*bias, op, "bias", {N});
+    check_float(*bias, op, "bias");
+  }
 #if defined(__AVX512BF16__)
-  check(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16, "linear_bf16 takes bf16 tensors");
-  check(weight.dim() == 2 && weight.is_contiguous() && x.device().is_cpu(), "linear_bf16: weight [N, K] contiguous");
-  const int64_t N = weight.size(0), K = weight.size(1), R = x.numel() / K;
-  check(x.size(-1) == K, "linear_bf16: x's last dim is not the weight's K");
+  const int64_t R = x.numel() / K;
   x = x.contiguous();
+  weight = weight.contiguous();
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   Tensor y = at::empty(shape, x.options());
   std::vector<float> b(N, 0.0f);
-  if (bias) b = as_floats(*bias);
+  if (bias) b = as_floats(bias->contiguous());
   const BF16* X = x.data_ptr<BF16>();
   const BF16* W = weight.data_ptr<BF16>();
   BF16* Y = y.data_ptr<BF16>();
@@ -256,8 +316,11 @@ Tensor linear_bf16(Tensor x, const Tensor& weight, const std::optional<Tensor>& 
 
 // ---- the MLP's activation: silu(gate) * up ---------------------------------------------------------------------
 Tensor silu_mul(Tensor gate, Tensor up) {
-  check(gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type() && gate.device().is_cpu(),
-        "silu_mul: gate and up must be CPU tensors of one shape and dtype");
+  check_float(gate, "silu_mul", "gate");
+  check_dtype(up, "silu_mul", "up", gate.scalar_type());
+  TORCH_CHECK(gate.device().is_cpu() && up.device().is_cpu() && gate.sizes() == up.sizes(),
+              "infinitevl.silu_mul: gate and up must be CPU tensors of one shape, got ", gate.sizes(), " and ",
+              up.sizes());
   gate = gate.contiguous();
   up = up.contiguous();
   Tensor out = at::empty(gate.sizes(), gate.options());
@@ -313,16 +376,14 @@ Tensor gdn_decode_impl(const Tensor& q, const Tensor& k, const Tensor& v, const 
                        const Tensor& x, bool project_ab, const Tensor& gate, const Tensor& wq, const Tensor& wk, const Tensor& wv, Tensor& tq,
                        Tensor& tk, Tensor& tv, Tensor& memory, const Tensor& A_log, const Tensor& dt_bias,
                        const Tensor& norm_weight, float eps, float scale) {
+  // shapes were checked by gdn_decode
   const int64_t B = memory.size(0), H = memory.size(1), Dk = memory.size(2), Dv = memory.size(3);
   const int64_t KVh = k.size(1) / Dk, K = wq.size(-1), Cq = q.size(1), Ck = k.size(1), Cv = v.size(1);
-  check(Cq == H * Dk && Ck == KVh * Dk && Cv == KVh * Dv && H % KVh == 0, "q/k/v widths do not fit the memory");
-  check(gate.size(1) == H * Dv, "gate width");
   // the gates' inputs a, b [B, H]: given, or projected here from x [B, d] with the weights a_in, b_in [H, d]
   // (two 16-row products: one fp32 pass beats two library calls), stored in T as the plain path does
   std::vector<float> a(B * H), b(B * H);
   if (project_ab) {
     const int64_t d = x.size(1);
-    check(a_in.size(0) == H && b_in.size(0) == H && a_in.size(1) == d && b_in.size(1) == d, "a/b weight shapes");
     std::vector<float> xf(d);
     for (int64_t bi = 0; bi < B; ++bi) {
       const T* xr = x.data_ptr<T>() + bi * d;
@@ -341,7 +402,6 @@ Tensor gdn_decode_impl(const Tensor& q, const Tensor& k, const Tensor& v, const 
       }
     }
   } else {
-    check(a_in.size(1) == H && b_in.size(1) == H, "a or b width");
     for (int64_t i = 0; i < B * H; ++i) {
       a[i] = load(a_in.data_ptr<T>()[i]);
       b[i] = load(b_in.data_ptr<T>()[i]);
@@ -410,23 +470,67 @@ Tensor gdn_decode_impl(const Tensor& q, const Tensor& k, const Tensor& v, const 
 }
 
 Tensor gdn_decode(Tensor q, Tensor k, Tensor v, Tensor a, Tensor b, Tensor x, bool project_ab, Tensor gate,
-                  Tensor wq, Tensor wk, Tensor wv, Tensor tq, Tensor tk, Tensor tv, Tensor memory, const Tensor& A_log,
-                  const Tensor& dt_bias, const Tensor& norm_weight, double eps, double scale) {
-  for (Tensor* t : {&q, &k, &v, &a, &b, &x, &gate, &wq, &wk, &wv}) {
-    check(t->device().is_cpu() && t->scalar_type() == q.scalar_type(),
-          "projections, x and conv weights must be CPU tensors of one dtype");
+                  Tensor wq, Tensor wk, Tensor wv, Tensor tq, Tensor tk, Tensor tv, Tensor memory, Tensor A_log,
+                  Tensor dt_bias, Tensor norm_weight, double eps, double scale) {
+  const char* op = "gdn_decode";
+  // the memory [B, H, Dk, Dv] fixes the batch and the heads; every other shape follows from it and the projections
+  check_dtype(memory, op, "memory", at::kFloat);
+  TORCH_CHECK(memory.dim() == 4 && memory.numel() > 0, "infinitevl.gdn_decode: memory must be [B, H, Dk, Dv], not ",
+              memory.sizes());
+  const int64_t B = memory.size(0), H = memory.size(1), Dk = memory.size(2), Dv = memory.size(3);
+  check_float(q, op, "q");
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 2 && k.size(-1) % Dk == 0 && k.size(-1) > 0, "infinitevl.gdn_decode: q and k",
+              " must be [B, heads * Dk] with Dk=", Dk, ", got ", q.sizes(), " and ", k.sizes());
+  const int64_t KVh = k.size(1) / Dk, Cq = H * Dk, Ck = KVh * Dk, Cv = KVh * Dv;
+  TORCH_CHECK(H % KVh == 0, "infinitevl.gdn_decode: ", H, " heads cannot share ", KVh, " key/value heads");
+  TORCH_CHECK(wq.dim() == 3 && wq.size(-1) > 0, "infinitevl.gdn_decode: wq must be [C, 1, K], not ", wq.sizes());
+  const int64_t K = wq.size(-1);
+  check_shape(memory, op, "memory", {B, H, Dk, Dv});
+  check_shape(q, op, "q", {B, Cq});
+  check_shape(k, op, "k", {B, Ck});
+  check_shape(v, op, "v", {B, Cv});
+  check_shape(gate, op, "gate", {B, H * Dv});
+  check_shape(wq, op, "wq", {Cq, 1, K});
+  check_shape(wk, op, "wk", {Ck, 1, K});
+  check_shape(wv, op, "wv", {Cv, 1, K});
+  check_shape(tq, op, "tail_q", {B, Cq, K - 1});
+  check_shape(tk, op, "tail_k", {B, Ck, K - 1});
+  check_shape(tv, op, "tail_v", {B, Cv, K - 1});
+  if (project_ab) {  // a, b are the gate projections' weights [H, d], applied to x [B, d]
+    TORCH_CHECK(x.dim() == 2, "infinitevl.gdn_decode: x must be [B, d], not ", x.sizes());
+    check_shape(x, op, "x", {B, x.size(1)});
+    check_shape(a, op, "a (weight)", {H, x.size(1)});
+    check_shape(b, op, "b (weight)", {H, x.size(1)});
+  } else {
+    check_shape(a, op, "a", {B, H});
+    check_shape(b, op, "b", {B, H});
+  }
+  check_shape(A_log, op, "A_log", {H});
+  check_shape(dt_bias, op, "dt_bias", {H});
+  check_shape(norm_weight, op, "norm_weight", {Dv});
+  for (const Tensor* t : {&A_log, &dt_bias, &norm_weight}) check_float(*t, op, "A_log, dt_bias and norm_weight");
+  const char* names[] = {"k", "v", "a", "b", "x", "gate", "wq", "wk", "wv"};
+  int i = 0;
+  for (Tensor* t : {&k, &v, &a, &b, &x, &gate, &wq, &wk, &wv}) {
+    TORCH_CHECK(t->device().is_cpu(), "infinitevl.gdn_decode: ", names[i], " must be a CPU tensor");
+    check_dtype(*t, op, names[i++], q.scalar_type());  // projections, x and conv weights share the activations' dtype
     *t = t->contiguous();  // read only: a strided projection output is copied
   }
-  for (const Tensor* t : {&tq, &tk, &tv, &memory})  // written in place: must be the state's own buffers
-    check(t->is_contiguous() && t->device().is_cpu(), "conv tails and memory must be contiguous CPU tensors");
-  check(memory.scalar_type() == at::kFloat && memory.dim() == 4, "the memory must be fp32 [B, H, Dk, Dv]");
-  check(tk.scalar_type() == tq.scalar_type() && tv.scalar_type() == tq.scalar_type(), "conv tail dtypes differ");
+  q = q.contiguous();
+  check_float(tq, op, "tail_q");
+  check_dtype(tk, op, "tail_k", tq.scalar_type());
+  check_dtype(tv, op, "tail_v", tq.scalar_type());
+  check_buffer(tq, op, "tail_q");
+  check_buffer(tk, op, "tail_k");
+  check_buffer(tv, op, "tail_v");
+  check_buffer(memory, op, "memory");
   Tensor out;
   dispatch2(q.scalar_type(), tq.scalar_type(), [&](auto a_, auto s_) {
     using T = decltype(a_);
     using TS = decltype(s_);
-    out = gdn_decode_impl<T, TS>(q, k, v, a, b, x, project_ab, gate, wq, wk, wv, tq, tk, tv, memory, A_log, dt_bias,
-                                 norm_weight, static_cast<float>(eps), static_cast<float>(scale));
+    out = gdn_decode_impl<T, TS>(q, k, v, a, b, x, project_ab, gate, wq, wk, wv, tq, tk, tv, memory, A_log.contiguous(),
+                                 dt_bias.contiguous(), norm_weight.contiguous(), static_cast<float>(eps),
+                                 static_cast<float>(scale));
   });
   return out;
 }
@@ -480,16 +584,28 @@ void rope(const T* x, const T* cos, const T* sin, float* out, int64_t heads, int
 // rounded to bf16 first (as the plain path's bf16 matmuls round them). Needs D a multiple of 32, at most 256.
 constexpr int64_t kMaxChunks = 8;
 
+// a vector register as a std::vector element: the struct keeps the register type's alignment, which a bare
+// std::vector<__m512> would drop (-Wignored-attributes)
+struct RegBH {
+  __m512bh v;
+};
+struct RegI {
+  __m512i v;
+};
+struct RegPS {
+  __m512 v;
+};
+
 bool bf16_path(int64_t D) { return D % 32 == 0 && D / 32 <= kMaxChunks; }
 
 void score_slots_bf16(const float* qh, int64_t G, int64_t D, const BF16* K, const int64_t* spos, int64_t n,
                       float scale, float* scores) {
   const int64_t nc = D / 32;
-  std::vector<__m512bh> qv(G * nc);
+  std::vector<RegBH> qv(G * nc);
   for (int64_t h = 0; h < G; ++h)
     for (int64_t c = 0; c < nc; ++c) {
       const float* src = qh + h * D + c * 32;
-      qv[h * nc + c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
+      qv[h * nc + c].v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
     }
   __m512bh kv[kMaxChunks];
   for (int64_t s = 0; s < n; ++s) {
@@ -500,7 +616,7 @@ void score_slots_bf16(const float* qh, int64_t G, int64_t D, const BF16* K, cons
     for (int64_t c = 0; c < nc; ++c) kv[c] = (__m512bh)_mm512_loadu_si512(K + s * D + c * 32);
     for (int64_t h = 0; h < G; ++h) {
       __m512 sum = _mm512_setzero_ps();
-      for (int64_t c = 0; c < nc; ++c) sum = _mm512_dpbf16_ps(sum, qv[h * nc + c], kv[c]);
+      for (int64_t c = 0; c < nc; ++c) sum = _mm512_dpbf16_ps(sum, qv[h * nc + c].v, kv[c]);
       scores[h * (n + 1) + s] = _mm512_reduce_add_ps(sum) * scale;
     }
   }
@@ -512,8 +628,8 @@ void weighted_values_bf16(const float* p, int64_t G, int64_t D, const BF16* V, c
                           float* acc) {
   constexpr int64_t kPairs = 32;
   const int64_t nc = D / 32, nv = 2 * nc;  // per pair: nv vectors of 16 lanes
-  std::vector<__m512i> block(kPairs * nv);
-  std::vector<__m512> sums(G * nv, _mm512_setzero_ps());  // per head, in the interleaved column order
+  std::vector<RegI> block(kPairs * nv);
+  std::vector<RegPS> sums(G * nv, {_mm512_setzero_ps()});  // per head, in the interleaved column order
   const __m512i zero = _mm512_setzero_si512();
   auto row = [&](int64_t s, int64_t c) {
     return s < n && spos[s] >= 0 ? _mm512_loadu_si512(V + s * D + c * 32) : zero;
@@ -524,19 +640,19 @@ void weighted_values_bf16(const float* p, int64_t G, int64_t D, const BF16* V, c
     for (int64_t j = 0; j < pairs; ++j)
       for (int64_t c = 0; c < nc; ++c) {
         const __m512i a = row(s0 + 2 * j, c), b = row(s0 + 2 * j + 1, c);
-        block[j * nv + 2 * c] = _mm512_unpacklo_epi16(a, b);
-        block[j * nv + 2 * c + 1] = _mm512_unpackhi_epi16(a, b);
+        block[j * nv + 2 * c].v = _mm512_unpacklo_epi16(a, b);
+        block[j * nv + 2 * c + 1].v = _mm512_unpackhi_epi16(a, b);
       }
     for (int64_t h = 0; h < G; ++h) {
       const float* ph = p + h * (n + 1);
-      for (int64_t e = 0; e < nv; ++e) part[e] = sums[h * nv + e];
+      for (int64_t e = 0; e < nv; ++e) part[e] = sums[h * nv + e].v;
       for (int64_t j = 0; j < pairs; ++j) {
         const int64_t s = s0 + 2 * j;
         const BF16 lo(ph[s]), hi(s + 1 < n ? BF16(ph[s + 1]) : BF16(0.0f));
         const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(lo.x | (uint32_t(hi.x) << 16)));
-        for (int64_t e = 0; e < nv; ++e) part[e] = _mm512_dpbf16_ps(part[e], (__m512bh)block[j * nv + e], w);
+        for (int64_t e = 0; e < nv; ++e) part[e] = _mm512_dpbf16_ps(part[e], (__m512bh)block[j * nv + e].v, w);
       }
-      for (int64_t e = 0; e < nv; ++e) sums[h * nv + e] = part[e];
+      for (int64_t e = 0; e < nv; ++e) sums[h * nv + e].v = part[e];
     }
   }
   // unpacklo/hi work per 128-bit lane: lo holds columns 0-3, 8-11, 16-19, 24-27 of a chunk, hi the others
@@ -544,7 +660,7 @@ void weighted_values_bf16(const float* p, int64_t G, int64_t D, const BF16* V, c
     for (int64_t c = 0; c < nc; ++c)
       for (int64_t half = 0; half < 2; ++half) {
         alignas(64) float out[16];
-        _mm512_store_ps(out, sums[h * nv + 2 * c + half]);
+        _mm512_store_ps(out, sums[h * nv + 2 * c + half].v);
         for (int64_t i = 0; i < 16; ++i) acc[h * D + c * 32 + (i / 4) * 8 + half * 4 + i % 4] += out[i];
       }
 }
@@ -556,10 +672,9 @@ constexpr int64_t kLanes = 64;      // output columns summed in registers at a t
 template <typename T, typename TS>
 Tensor swa_decode_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cos, const Tensor& sin,
                        Tensor& ring_k, Tensor& ring_v, Tensor& ring_pos, const Tensor& past, float scale) {
+  // shapes were checked by swa_decode
   const int64_t B = ring_k.size(0), KV = ring_k.size(1), cap = ring_k.size(2), D = ring_k.size(3);
   const int64_t H = q.size(1) / D, G = H / KV;
-  check(q.size(1) == H * D && k.size(1) == KV * D && v.size(1) == KV * D && H % KV == 0, "q/k/v widths");
-  check(cos.size(-1) == D && sin.size(-1) == D, "cos/sin width");
   Tensor out = at::empty({B, H * D}, q.options());
   const int64_t* pos_now = past.data_ptr<int64_t>();
   int64_t* slots = ring_pos.data_ptr<int64_t>();
@@ -668,16 +783,44 @@ Tensor swa_decode_impl(const Tensor& q, const Tensor& k, const Tensor& v, const 
 
 Tensor swa_decode(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor ring_k, Tensor ring_v,
                   Tensor ring_pos, Tensor past, double scale) {
-  for (Tensor* t : {&q, &k, &v, &cos, &sin}) {
-    check(t->device().is_cpu() && t->scalar_type() == q.scalar_type(), "q, k, v, cos and sin: CPU, one dtype");
+  const char* op = "swa_decode";
+  // the ring [B, KV, cap, D] fixes the batch, key/value heads, capacity and head width
+  TORCH_CHECK(ring_k.dim() == 4 && ring_k.size(1) > 0 && ring_k.size(2) > 0 && ring_k.size(3) > 0 &&
+                  ring_k.size(3) % 2 == 0,
+              "infinitevl.swa_decode: ring_k must be [B, KV, capacity, D] with D even and no empty dimension, not ",
+              ring_k.sizes());
+  const int64_t B = ring_k.size(0), KV = ring_k.size(1), cap = ring_k.size(2), D = ring_k.size(3);
+  check_float(q, op, "q");
+  TORCH_CHECK(q.dim() == 2 && q.size(1) % (KV * D) == 0 && q.size(1) > 0, "infinitevl.swa_decode: q must be [B, H * ",
+              D, "] with H a multiple of ", KV, " key/value heads, not ", q.sizes());
+  const int64_t H = q.size(1) / D;
+  check_shape(ring_k, op, "ring_k", {B, KV, cap, D});
+  check_shape(ring_v, op, "ring_v", {B, KV, cap, D});
+  check_shape(ring_pos, op, "ring_pos", {B, cap});
+  check_shape(past, op, "past", {B});
+  check_shape(q, op, "q", {B, H * D});
+  check_shape(k, op, "k", {B, KV * D});
+  check_shape(v, op, "v", {B, KV * D});
+  check_shape(cos, op, "cos", {B, D});
+  check_shape(sin, op, "sin", {B, D});
+  const char* names[] = {"k", "v", "cos", "sin"};
+  int i = 0;
+  for (Tensor* t : {&k, &v, &cos, &sin}) {
+    check_dtype(*t, op, names[i++], q.scalar_type());
     *t = t->contiguous();
   }
+  q = q.contiguous();
+  check_float(ring_k, op, "ring_k");
+  check_dtype(ring_v, op, "ring_v", ring_k.scalar_type());
+  check_dtype(ring_pos, op, "ring_pos", at::kLong);
+  check_dtype(past, op, "past", at::kLong);
+  check_buffer(ring_k, op, "ring_k");
+  check_buffer(ring_v, op, "ring_v");
+  check_buffer(ring_pos, op, "ring_pos");
   past = past.contiguous();
-  for (const Tensor* t : {&ring_k, &ring_v, &ring_pos})  // written in place
-    check(t->is_contiguous() && t->device().is_cpu(), "the ring buffer must be contiguous CPU tensors");
-  check(ring_v.scalar_type() == ring_k.scalar_type(), "ring keys and values dtypes differ");
-  check(ring_pos.scalar_type() == at::kLong && past.scalar_type() == at::kLong, "positions must be int64");
-  check(ring_k.size(2) > 0 && past.numel() == ring_k.size(0), "ring capacity or batch");
+  const int64_t* seen = past.data_ptr<int64_t>();
+  TORCH_CHECK(std::all_of(seen, seen + B, [](int64_t n) { return n >= 0; }),
+              "infinitevl.swa_decode: past (tokens seen per stream) must not be negative");
   Tensor out;
   dispatch2(q.scalar_type(), ring_k.scalar_type(), [&](auto a_, auto s_) {
     using T = decltype(a_);
@@ -690,7 +833,8 @@ Tensor swa_decode(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor r
 }  // namespace
 
 TORCH_LIBRARY(infinitevl, m) {
-  m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor? residual) -> (Tensor, Tensor)");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def(
       "gdn_decode(Tensor q, Tensor k, Tensor v, Tensor a, Tensor b, Tensor x, bool project_ab, Tensor gate, Tensor wq, Tensor wk, Tensor wv, "
       "Tensor(a!) tail_q, Tensor(b!) tail_k, Tensor(c!) tail_v, Tensor(d!) memory, Tensor A_log, Tensor dt_bias, "
@@ -703,6 +847,7 @@ TORCH_LIBRARY(infinitevl, m) {
   m.def("linear_bf16(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.impl("linear_bf16", c10::DispatchKey::CPU, &linear_bf16);
   m.impl("rms_norm", c10::DispatchKey::CPU, &rms_norm);
+  m.impl("add_rms_norm", c10::DispatchKey::CPU, &add_rms_norm);
   m.impl("silu_mul", c10::DispatchKey::CPU, &silu_mul);
   m.impl("gdn_decode", c10::DispatchKey::CPU, &gdn_decode);
   m.impl("swa_decode", c10::DispatchKey::CPU, &swa_decode);
