@@ -163,8 +163,10 @@ class InfiniteVLForConditionalGeneration(nn.Module):
             lm.embed_tokens = QuantizedEmbedding.from_float(lm.embed_tokens)
             if self.config.text.tie_word_embeddings:
                 self.tie_weights()
-            else:
+            elif fits("int8", self.lm_head.out_features, self.lm_head.in_features, None):
                 self.lm_head = QuantizedLinear.from_float(self.lm_head, QuantConfig("int8"))
+            else:  # a width the int8 kernel cannot take: the untied head stays in the model's dtype
+                kept.append("lm_head")
         else:
             kept += ["model.embed_tokens", "lm_head"]
         self.quantization = dataclasses.replace(config, modules_to_not_convert=tuple(kept))

@@ -479,7 +479,10 @@ class TiedQuantizedHead(nn.Module):
         e = self.embedding
         a = x.reshape(-1, e.embedding_dim).to(KERNEL_DTYPE)
         scales = e.scales if e.scales.dtype == KERNEL_DTYPE else e.scales.to(KERNEL_DTYPE)
-        y = torch.ops.aten._weight_int8pack_mm(a, e.qweight, scales)
+        if fits("int8", e.num_embeddings, e.embedding_dim, None):
+            y = torch.ops.aten._weight_int8pack_mm(a, e.qweight, scales)
+        else:  # widths the kernel reads wrongly (not a multiple of its vectors): the same product, dequantized
+            y = F.linear(a, e.qweight.to(KERNEL_DTYPE) * scales.unsqueeze(1))
         return y.to(x.dtype).view(*x.shape[:-1], e.num_embeddings)
 
     def extra_repr(self) -> str:
