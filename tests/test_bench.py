@@ -64,7 +64,7 @@ def _timings(node):
 
 def test_every_section_writes_json_with_provenance_and_raw_measurements(quick_run):
     out, _ = quick_run
-    for section in SECTIONS:
+    for section in [s for s in SECTIONS if s != "ray"]:  # ray starts a cluster: test_serving_ray.py
         record = json.loads((out / f"{section}.json").read_text())
         several = "float32, bfloat16, int8, int4"
         assert record["dtype"] == (several if section in ("precision", "quality") else "float32")

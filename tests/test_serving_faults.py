@@ -270,3 +270,45 @@ def test_folders_are_fsynced_into_their_parents(engine, tmp_path, monkeypatch):
     created = [tmp_path / "new", root, root / "sessions", root / "snapshots", root / "snapshots" / ("sess_" + "0" * 24)]
     for folder in created:
         assert folder.parent in synced, f"{folder} was created but {folder.parent} never fsynced"
+
+
+def test_replicas_on_one_directory_hand_a_session_over_and_never_write_it_together(engine, tmp_path, monkeypatch):
+    """Two replicas (shared state directory): a session held by one is handed over when the other is asked for it;
+    a holder that does not let go leaves the other with 503 and the files untouched; nothing acknowledged is lost."""
+    from infinitevl.serving import sessions as sessions_module
+    from infinitevl.serving.ray_deploy import HandoffWatcher
+
+    monkeypatch.setattr(sessions_module, "HANDOFF_WAIT", 1.0)
+    state_dir = tmp_path / "state"
+    config = ServerConfig(model_name="tiny", state_dir=state_dir, state_shared=True)
+    a, b = (BackgroundServer(create_app(engine, config)).start() for _ in range(2))
+    watchers = [HandoffWatcher(a.app.state.ctx)]
+    watchers[0].start()
+    try:
+        with pytest.raises(StoreBusy, match="in use by a deployment's replicas"):
+            create_app(engine, ServerConfig(state_dir=state_dir))  # a lone server may not join them
+        sid = httpx.post(f"{a.url}/v1/sessions", json={"frame_size": 56}).json()["id"]
+        assert append(httpx.Client(base_url=a.url, timeout=60), sid, TEXTS[0]).status_code == 200  # a holds it
+        assert a.app.state.ctx.sessions.loaded_count() == 1
+        r = append(httpx.Client(base_url=b.url, timeout=60), sid, TEXTS[1])  # a hands it over to b
+        assert r.status_code == 200, r.text
+        assert a.app.state.ctx.sessions.loaded_count() == 0 and b.app.state.ctx.sessions.loaded_count() == 1
+        files = {p.name: p.read_bytes() for p in (state_dir / "sessions").glob(f"{sid}.*") if p.suffix != ".handoff"}
+        r = append(httpx.Client(base_url=a.url, timeout=60), sid, TEXTS[2])  # b has no watcher: it keeps it
+        assert r.status_code == 503 and r.json()["error"]["code"] == "session_busy"
+        after = {p.name: p.read_bytes() for p in (state_dir / "sessions").glob(f"{sid}.*") if p.suffix != ".handoff"}
+        assert after == files  # a wrote nothing while b held the session
+        watchers.append(HandoffWatcher(b.app.state.ctx))
+        watchers[1].start()
+        assert append(httpx.Client(base_url=a.url, timeout=60), sid, TEXTS[2]).status_code == 200
+        back = httpx.get(f"{b.url}/v1/sessions/{sid}").json()  # b reads what a wrote
+    finally:
+        for w in watchers:
+            w.stopped.set()
+        a.stop()
+        b.stop()
+    expected, ref = reference(engine, tmp_path, TEXTS[:3])
+    assert back["tokens"] == expected["tokens"]
+    stream, _ = stored(engine, state_dir, sid)
+    for name, tensor in ref.state.tensors().items():
+        assert torch.equal(stream.state.tensors()[name], tensor), name

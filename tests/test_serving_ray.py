@@ -167,6 +167,19 @@ def test_lm_eval_through_the_ray_proxy(cluster, tmp_path):
     assert list(out.rglob("results_*.json"))
 
 
+def test_the_benchmarks_measurements_through_the_ray_proxy(cluster):
+    """bench/ray.py's measurements (its full run starts its own cluster: `infinitevl bench --only ray`)."""
+    from infinitevl.bench import ray as bench
+
+    url, _ = cluster
+    frames = [jpeg(f) for f, _ in iter_video(DATA / "1.mp4", fps=2.0, max_frames=2)]
+    t = bench.throughput(url, 2, frames, SIZE)
+    assert t["tokens"] > 0 and t["frames_per_s"] > 0 and t["replicas_used"] >= 1
+    sid = httpx.post(f"{url}/v1/sessions", json={"frame_size": SIZE}).json()["id"]
+    cost = bench.request_cost(url, sid, 3)
+    assert {k: v["repeats"] for k, v in cost.items()} == {"health": 3, "session_info": 3}
+
+
 def retrying(call, seconds: float = 90.0) -> httpx.Response:
     """A client that retries while the cluster replaces a dead replica (connection errors and 5xx)."""
     deadline = time.monotonic() + seconds

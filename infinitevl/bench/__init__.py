@@ -12,10 +12,12 @@ Sections (each a module with a `run(plan, ...)` that returns a JSON-able dict):
     streaming  frames per second over a long stream of 448x448 frames, end to end and decoder only
     precision  fp32 / bf16 / int8 / int4 at real size: load, peak memory, decode, prefill, vision; llama.cpp beside
     quality    bf16 / int8 / int4 against fp32 on the bundled trained model and the official fixture
+    ray        the server on Ray Serve: sessions' frames/s on 1 vs 2 replicas, a session's move after a kill, the
+               proxy's cost per request (not in the quick plan: it starts a Ray cluster)
 
 `runner.py` holds the full and quick plans and runs the sections; `report.py` turns the JSON into plots and
 markdown. Nothing here changes the model or the engine: it only drives them.
 """
 
-SECTIONS = ("machine", "ops", "decode", "prefill", "memory", "real", "streaming", "precision", "quality")
+SECTIONS = ("machine", "ops", "decode", "prefill", "memory", "real", "streaming", "precision", "quality", "ray")
 CONFIG_NAMES = ("tiny", "mini", "4b")  # the measured configurations (`configs.py` builds them)

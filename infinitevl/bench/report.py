@@ -923,9 +923,10 @@ def ray_md(record: dict) -> str:
     text += _table(["replicas", "sessions x frames", "frames/s", "tokens/s", "wall s", "replicas used"], rows)
     m = r.get("move")
     if m:
+        tries = f"{m['attempts']} {'try' if m['attempts'] == 1 else 'tries'}"
         text += (
             f"\n\nA session moves after `kill -9` of its replica in **{m['seconds']:.2f} s** (until an append to it "
-            f"is acknowledged again through the same URL, {m['attempts']} tries): its state is "
+            f"is acknowledged again through the same URL, {tries}): its state is "
             f"{fmt_bytes(m['state_bytes'])} in memory, read back from a {fmt_bytes(m['state_file_bytes'])} state file "
             f"and a {fmt_bytes(m['journal_bytes'])} journal; it had {m['tokens_before']} tokens and "
             f"{m['frames_before']} frames before the kill and all of them after it (then {m['tokens_after']} with the "

@@ -46,6 +46,7 @@ class Plan:
     threads: int | None = None  # torch threads for the run (None: torch's default, one per core)
     precision: dict[str, Any] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)
+    ray: dict[str, Any] = field(default_factory=lambda: {"skip": True})  # Ray Serve replicas (bench/ray.py)
 
     def select(self, configs: list[str] | None) -> Plan:
         """The plan restricted to some configurations (streaming runs only if its config is among them)."""
@@ -76,7 +77,7 @@ class Plan:
         if name in ("decode", "prefill", "memory", "real"):
             names = getattr(self, f"{name}_configs")
             return {n: getattr(self, name)[n] for n in names}
-        if name in ("precision", "quality"):
+        if name in ("precision", "quality", "ray"):
             return getattr(self, name)
         return self.streaming
 
@@ -209,6 +210,8 @@ def full_plan() -> Plan:
             fixture=str(FIXTURE),
             fixture_group_size=32,
         ),
+        # the bundled model; frames of 224x224 (64 tokens each), 4 sessions at once, 1 then 2 replicas
+        ray=dict(sessions=4, frames=8, frame_size=224, requests=200, max_batch=8),
     )
 
 
@@ -294,6 +297,7 @@ def quick_plan() -> Plan:
             fixture=str(FIXTURE),
             fixture_group_size=32,
         ),
+        # no ray section: it starts a Ray cluster (test_serving_ray.py runs its measurements against one)
         notes=["quick run: tiny sizes that only check that the benchmark code works; its numbers mean nothing"],
         # one thread: tiny ops are dominated by thread wake-ups, ruinously so when another process holds a core
         threads=1,
@@ -344,6 +348,10 @@ def run_section(name: str, plan: Plan, out: Path, progress) -> dict[str, Any]:
         from . import quality
 
         return quality.run(plan, progress)
+    if name == "ray":
+        from . import ray
+
+        return ray.run(plan, progress)
     raise ValueError(f"unknown section {name!r}; known: {list(SECTIONS)}")
 
 
@@ -377,7 +385,8 @@ def run(
 
 def _run_sections(plan: Plan, out: Path, sections: list[str], command: str, progress) -> None:
     for name in [s for s in SECTIONS if s in sections]:
-        if (name == "streaming" and plan.streaming.get("skip")) or (name == "precision" and plan.precision.get("skip")):
+        skip = {"streaming": plan.streaming, "precision": plan.precision, "ray": plan.ray}.get(name, {}).get("skip")
+        if skip:
             continue
         progress(f"section {name} ({plan.name} plan)")
         facts = machine.describe()

@@ -156,7 +156,9 @@ class SessionRegistry:
             self.store.write_state(s.id, s.stream, 0)
             self._write_sidecar(s)
             if self.shared:  # its requests may be routed to another replica: on disk until its first use
-                self._unload(s)
+                s.counters, s.stream = self._counters(s), None
+                s.lock.release()
+                s.lock = None
         with self._lock:
             self._sessions[s.id] = s
         return s.id
