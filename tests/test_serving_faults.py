@@ -312,3 +312,29 @@ def test_replicas_on_one_directory_hand_a_session_over_and_never_write_it_togeth
     stream, _ = stored(engine, state_dir, sid)
     for name, tensor in ref.state.tensors().items():
         assert torch.equal(stream.state.tensors()[name], tensor), name
+
+
+def test_a_replica_leaves_alone_a_session_another_is_creating(engine, tmp_path):
+    """A state file without its settings file yet, locked by its creator: not listed, 404, and not removed (a
+    server that owns the directory would remove it as a create that never finished)."""
+    state_dir = tmp_path / "state"
+    srv = BackgroundServer(create_app(engine, ServerConfig(state_dir=state_dir, state_shared=True))).start()
+    creator = SessionStore(state_dir, shared=True)
+    sid = "sess_" + "1" * 24
+    lock = creator.lock_session(sid)
+    try:
+        creator.write_state(sid, engine.session(frame_size=(56, 56)), 0)
+        with httpx.Client(base_url=srv.url, timeout=60) as http:
+            assert http.get("/v1/sessions").json()["data"] == []
+            assert http.get(f"/v1/sessions/{sid}").status_code == 404
+        assert creator.state_path(sid).exists()
+    finally:
+        lock.release()
+        creator.close()
+        srv.stop()
+    srv = start(engine, state_dir)  # alone on the directory: a create that never finished is removed
+    try:
+        assert httpx.get(f"{srv.url}/v1/sessions/{sid}").status_code == 404
+    finally:
+        srv.stop()
+    assert not (state_dir / "sessions" / f"{sid}.safetensors").exists()

@@ -217,8 +217,9 @@ def test_idle_sessions_leave_memory_and_come_back(model_dir, tmp_path):
             while info(http, sid)["loaded"] and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert info(http, sid)["loaded"] is False and http.get("/health").json()["sessions_loaded"] == 0
-            assert ask(http, sid, "What is this?") == answer  # loaded back, unchanged
-            assert info(http, sid)["loaded"] is True
+            # loaded back, unchanged (it may leave memory again at once: the answer takes longer than the 0.3 s
+            # idle limit on a busy machine)
+            assert ask(http, sid, "What is this?") == answer
     finally:
         srv.stop()
 

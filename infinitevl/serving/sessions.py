@@ -95,8 +95,8 @@ class SessionRegistry:
 
     # -- reading (any thread) --------------------------------------------------------------------------------------
     def ids(self) -> list[str]:
-        if self.shared:  # other replicas create sessions too
-            return self.store.session_ids()
+        if self.shared:  # other replicas create sessions too (listed once their settings are written)
+            return [sid for sid in self.store.session_ids() if self.store.sidecar_path(sid).exists()]
         with self._lock:
             return list(self._sessions)
 
@@ -328,7 +328,7 @@ class SessionRegistry:
         with self._lock:
             s = self._sessions.get(session_id) if SESSION_ID.match(session_id) else None
         if s is None and self.shared and SESSION_ID.match(session_id):  # created by another replica
-            s = self._from_disk(session_id)
+            s = self._from_disk(session_id, owned=False)
             if s is not None:
                 with self._lock:
                     s = self._sessions.setdefault(s.id, s)
@@ -336,9 +336,10 @@ class SessionRegistry:
             raise APIError(404, f"no session {session_id!r}", code="session_not_found")
         return s
 
-    def _from_disk(self, sid: str, verify: bool = False) -> ServedSession | None:
+    def _from_disk(self, sid: str, verify: bool = False, owned: bool = True) -> ServedSession | None:
         """A session as its files describe it (unloaded), damaged if they fail their checks; with `verify`, its
-        state and journal are read through. None: not a session (a create that never finished, another model)."""
+        state and journal are read through. None: not a session (a create that never finished, whose files are
+        removed if this process owns the session, or another model)."""
         store = self.store
         try:
             meta = store.read_sidecar(sid)
@@ -350,8 +351,9 @@ class SessionRegistry:
             s.snapshots = [Snapshot(x["id"], x["created"], x["counters"]) for x in meta["snapshots"]]
         except (Damaged, KeyError, TypeError) as err:
             if not store.sidecar_path(sid).exists() and not store.journal_bytes(sid) and not _acked(store, sid):
-                log.warning("session %s: removing the files of a create that never finished", sid)
-                store.delete(sid)
+                if owned:  # (not owned: another replica may be creating it right now)
+                    log.warning("session %s: removing the files of a create that never finished", sid)
+                    store.delete(sid)
                 return None
             s = ServedSession(sid, 0.0, None, self.config.frame_size, 0.0)
             s.damage = str(err) if isinstance(err, Damaged) else f"{sid}.json lacks {err}"
