@@ -156,11 +156,10 @@ def run(plan, progress) -> dict[str, Any]:
     import torch
 
     from ..defaults import default_model_folder
-    from ..tasks.miniature import MEDIA
 
     q = plan.quality
     folder = Path(q.get("model") or default_model_folder())
-    media = MEDIA if MEDIA.exists() else None
+    media = None  # the photographs the package ships
     shown = folder.resolve()
     shown = shown.relative_to(Path.cwd()) if shown.is_relative_to(Path.cwd()) else shown
     out: dict[str, Any] = {"model": str(shown), "modes": {}, "fixture": {}}
