@@ -53,7 +53,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/infinitevl bench --out docs/benchmarks
 
-# seconds, tiny sizes: checks that the benchmark code runs (its numbers mean nothing). Each run writes into a new
+# about a minute, tiny sizes: checks that the benchmark code runs (its numbers mean nothing). Each run writes into a new
 # temporary folder; the last line printed is the report's path.
 bench-quick: $(STAMP)
 	$(VENV)/bin/infinitevl bench --quick --out "$$(mktemp -d "$${TMPDIR:-/tmp}/infinitevl-bench-quick.XXXXXX")/bench"

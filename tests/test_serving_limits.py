@@ -249,12 +249,13 @@ def test_a_request_for_many_rows_is_not_starved_by_later_small_ones(model_dir, e
             while not stop.is_set():
                 assert c.post("/v1/chat/completions", json=body).status_code == 200
 
-    loopers = [threading.Thread(target=loop) for _ in range(3)]
+    loopers = [threading.Thread(target=loop) for _ in range(6)]  # more than the rows: the queue is never empty
     try:
         for t in loopers:
             t.start()
-        time.sleep(0.5)
         with httpx.Client(base_url=srv.url, timeout=60) as c:
+            while c.get("/health").json()["queued"] < 3:
+                time.sleep(0.01)
             r = c.post("/v1/chat/completions", json={**body, "n": 2})
         assert r.status_code == 200 and len(r.json()["choices"]) == 2
     finally:

@@ -106,7 +106,7 @@ def run(args) -> int:
         extra = ""
         if kind == "attention":
             extra = f", ring {layers[0]['capacity']} slots, filled {layers[0]['filled']}"
-        print(f"  {len(layers)} {kind} layers: {mb(total)}{extra}")
+        print(f"  {len(layers)} {kind} layer{'s' if len(layers) != 1 else ''}: {mb(total)}{extra}")
     seg = info["segment"]
     if seg and "saved_as" in seg:
         print(f"  open run of live frames: {seg['saved_as']}")

@@ -170,7 +170,7 @@ class Scheduler:
                 self.counters["rejected"] += 1
                 raise APIError(
                     429,
-                    f"the server is busy: {len(self._pending)} requests are already waiting (the limit is "
+                    f"the server is busy: its queue is full ({len(self._pending)} waiting, the limit is "
                     f"{self.max_queue}); retry later",
                     code="queue_full",
                     headers={"Retry-After": "1"},

@@ -381,8 +381,10 @@ def train_student(root: Path, variant: str, teacher: Path, budget: Budget, data:
 
 
 def mark_tasks(folder: Path, tasks) -> None:
-    """Write the frame size of each task the model was trained on into its config.json (the demo reads them)."""
+    """Write the tasks the model was trained on, and the frame size of each, into its config.json (the engine gives
+    its fixed reply to any prompt that is none of their questions; the demo reads the frame sizes)."""
     cfg = json.loads((folder / "config.json").read_text())
+    cfg[off_task.TASKS_KEY] = sorted(tasks)
     if "recall" in tasks:
         cfg["infinitevl_frame_size"] = [FRAME, FRAME]
     if "copy" in tasks:
