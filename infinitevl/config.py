@@ -17,7 +17,22 @@ from typing import Any
 LINEAR = "linear_attention"
 SLIDING = "sliding_attention"
 FULL = "full_attention"
-LAYER_TYPES = (LINEAR, SLIDING, FULL)
+# The paper's v2 variants of the softmax layers (docs/variants.md): attention sinks plus a sliding window (Online),
+# and parameter-free block-sparse attention over 32-token chunks (Offline). Both keep full attention's weights.
+SINK = "sink_sliding_attention"
+SPARSE = "block_sparse_attention"
+LAYER_TYPES = (LINEAR, SLIDING, FULL, SINK, SPARSE)
+SOFTMAX_TYPES = (SLIDING, FULL, SINK, SPARSE)
+# Fields that only mean something when a layer of that type exists: written, and part of a state's fingerprint,
+# only then (so that configs and snapshots of models without them are unchanged).
+SINK_FIELDS = ("num_sink_tokens",)
+SPARSE_FIELDS = (
+    "sparse_chunk_size",
+    "sparse_top_k",
+    "sparse_init_chunks",
+    "sparse_local_tokens",
+    "sparse_dense_threshold",
+)
 
 # How a video's seconds-per-grid enters the temporal RoPE index (SPEC section 6).
 # "official": the released checkpoints' code truncates it to an integer before multiplying (0.5 s -> 0), and text
@@ -90,6 +105,18 @@ class TextConfig:
     sliding_window: int | None = 8192
     attention_dropout: float = 0.0
     layer_types: list[str] | None = None
+    # sink_sliding_attention layers (Online): keys at positions < num_sink_tokens stay visible forever, the others
+    # within `sliding_window`
+    num_sink_tokens: int = 256
+    # block_sparse_attention layers (Offline, after InfLLM-V2): a query at position i sees the first
+    # `sparse_init_chunks` chunks, the last `sparse_local_tokens` tokens (itself included) and the `sparse_top_k`
+    # earlier chunks of `sparse_chunk_size` tokens whose mean-pooled keys score highest for its key/value group;
+    # queries at positions < `sparse_dense_threshold` attend to everything before them.
+    sparse_chunk_size: int = 32
+    sparse_top_k: int = 64
+    sparse_init_chunks: int = 1
+    sparse_local_tokens: int = 2048
+    sparse_dense_threshold: int = 8192
     # Gated DeltaNet layers
     num_linear_heads: int = 16
     num_linear_key_value_heads: int = 16
@@ -130,8 +157,15 @@ class TextConfig:
         return int(self.linear_key_dim * self.expand_v)
 
     def layer_window(self, layer_idx: int) -> int | None:
-        """The attention window of softmax layer `layer_idx` (None: unbounded)."""
-        return self.window if self.layer_types[layer_idx] == SLIDING else None
+        """The attention window of softmax layer `layer_idx` (None: unbounded). Sink layers always have one."""
+        kind = self.layer_types[layer_idx]
+        if kind == SINK:
+            return self.sliding_window
+        return self.window if kind == SLIDING else None
+
+    def variant_fields(self) -> tuple[str, ...]:
+        """The option fields of the layer types this config uses (SINK_FIELDS / SPARSE_FIELDS)."""
+        return (SINK_FIELDS if SINK in self.layer_types else ()) + (SPARSE_FIELDS if SPARSE in self.layer_types else ())
 
     def validate(self) -> None:
         if len(self.layer_types) != self.num_hidden_layers:
@@ -164,12 +198,33 @@ class TextConfig:
             raise ConfigError(f"mrope_section {self.mrope_section} must sum to head_dim / 2 = {self.head_dim // 2}")
         if SLIDING in self.layer_types and self.use_sliding_window and (self.sliding_window or 0) < 2:
             raise ConfigError(f"sliding_window must be >= 2, got {self.sliding_window}")
+        self._validate_variants()
         if not self.use_short_conv:
             raise ConfigError("use_short_conv=False is not supported: every released checkpoint uses the short conv")
         if self.conv_bias:
             raise ConfigError("conv_bias=True is not supported: the released checkpoints have no conv bias")
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (silu only)")
+
+    def _validate_variants(self) -> None:
+        if SINK in self.layer_types:
+            if self.sliding_window is None or self.sliding_window < 2:
+                raise ConfigError(f"sink_sliding_attention needs sliding_window >= 2, got {self.sliding_window}")
+            if self.num_sink_tokens < 0:
+                raise ConfigError(f"num_sink_tokens must be >= 0, got {self.num_sink_tokens}")
+        if SPARSE in self.layer_types:
+            for name in ("sparse_chunk_size", "sparse_top_k"):
+                if getattr(self, name) < 1:
+                    raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+            for name in ("sparse_init_chunks", "sparse_dense_threshold"):
+                if getattr(self, name) < 0:
+                    raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+            if self.sparse_local_tokens < self.sparse_chunk_size:
+                # the chunk a query is in is not complete yet, so it cannot be selected: the local set must hold it
+                raise ConfigError(
+                    f"sparse_local_tokens {self.sparse_local_tokens} must be >= sparse_chunk_size "
+                    f"{self.sparse_chunk_size}"
+                )
 
 
 _TOKEN_FIELDS = (
@@ -295,8 +350,9 @@ class InfiniteVLConfig:
             "architectures": ["InfiniteVLQwen2_5_VLForConditionalGeneration"],
             "model_type": "infinite_vl",
         }
+        unused = set(SINK_FIELDS + SPARSE_FIELDS) - set(t.variant_fields())
         for f in fields(TextConfig):
-            if f.name in ("extra", "mrope_section", "rope_theta"):
+            if f.name in ("extra", "mrope_section", "rope_theta") or f.name in unused:
                 continue
             out[f.name] = getattr(t, f.name)
         out["rope_theta"] = t.rope_theta
@@ -358,6 +414,7 @@ class InfiniteVLConfig:
             "mrope_section": list(t.mrope_section),
             "rope_index_mode": self.rope_index_mode,
             "tokens_per_second": self.vision.tokens_per_second,
+            **{name: getattr(t, name) for name in t.variant_fields()},
         }
 
 

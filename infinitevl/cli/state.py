@@ -44,16 +44,25 @@ def _value(text: str):
 
 
 def describe(path) -> dict:
-    from ..state import AttentionLayerState, InfiniteVLState
+    from ..state import AttentionLayerState, BlockSparseLayerState, InfiniteVLState, SinkWindowLayerState
 
     state = InfiniteVLState.load(path)
     meta = InfiniteVLState.read_metadata(path)
     layers = []
     for i, layer in enumerate(state.layers):
         kind = "attention" if isinstance(layer, AttentionLayerState) else "gated_deltanet"
+        if isinstance(layer, SinkWindowLayerState):
+            kind = "sink_attention"
+        elif isinstance(layer, BlockSparseLayerState):
+            kind = "block_sparse_attention"
         entry = {"layer": i, "kind": kind, "bytes": sum(t.numel() * t.element_size() for t in layer.tensors().values())}
         if isinstance(layer, AttentionLayerState):
             entry.update(window=layer.window, capacity=layer.capacity, filled=int((layer.positions[0] >= 0).sum()))
+        if isinstance(layer, SinkWindowLayerState):
+            entry.update(num_sinks=layer.num_sinks)
+        elif isinstance(layer, BlockSparseLayerState):
+            # every key is kept: what the tokens seen so far occupy grows with the stream (allocated: `bytes`)
+            entry.update(chunk_size=layer.chunk_size, bytes_used=layer.bytes_used(int(state.num_tokens.max())))
         else:
             entry.update(memory=list(layer.memory.shape))
         layers.append(entry)
@@ -106,6 +115,15 @@ def run(args) -> int:
         extra = ""
         if kind == "attention":
             extra = f", ring {layers[0]['capacity']} slots, filled {layers[0]['filled']}"
+        elif kind == "sink_attention":
+            first = layers[0]
+            extra = f", {first['num_sinks']} sinks + ring, {first['capacity']} slots, filled {first['filled']}"
+        elif kind == "block_sparse_attention":
+            used = sum(x["bytes_used"] for x in layers)
+            extra = (
+                f" allocated for {layers[0]['capacity']} tokens, {mb(used)} used by the {layers[0]['filled']} "
+                f"tokens kept (grows with the stream), chunks of {layers[0]['chunk_size']}"
+            )
         print(f"  {len(layers)} {kind} layer{'s' if len(layers) != 1 else ''}: {mb(total)}{extra}")
     seg = info["segment"]
     if seg and "saved_as" in seg:

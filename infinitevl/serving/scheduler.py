@@ -25,6 +25,7 @@ deadline and then ends them with an error event. Not here: HTTP, media decoding,
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import threading
@@ -52,10 +53,7 @@ def rows(state: InfiniteVLState, start: int, stop: int) -> InfiniteVLState:
     layers: list[LinearLayerState | AttentionLayerState] = []
     for layer in state.layers:
         fields = {k: v[start:stop] for k, v in layer.tensors().items()}
-        if isinstance(layer, AttentionLayerState):
-            layers.append(AttentionLayerState(**fields, window=layer.window))
-        else:
-            layers.append(LinearLayerState(**fields))
+        layers.append(dataclasses.replace(layer, **fields))  # the same kind of layer state, over fewer rows
     return InfiniteVLState(layers, state.next_position[start:stop], state.num_tokens[start:stop], state.fingerprint)
 
 

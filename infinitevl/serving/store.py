@@ -46,7 +46,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from ..engine.session import StreamSession
-from ..state import AttentionLayerState, InfiniteVLState, StateError
+from ..state import AttentionLayerState, BlockSparseLayerState, InfiniteVLState, StateError
 
 log = logging.getLogger("infinitevl.serving")
 RECORD = struct.Struct("<4sQQ32s")  # magic, sequence number, payload bytes, SHA-256 of the payload
@@ -421,6 +421,11 @@ def delta(before: InfiniteVLState, after: InfiniteVLState) -> dict[str, torch.Te
             out[f"layers.{i}.keys"] = new.keys[:, :, slots].contiguous().cpu()
             out[f"layers.{i}.values"] = new.values[:, :, slots].contiguous().cpu()
             out[f"layers.{i}.positions"] = new.positions[:, slots].contiguous().cpu()
+            if isinstance(new, BlockSparseLayerState):  # the chunks those slots belong to: their mean keys
+                chunks = torch.unique(slots // new.chunk_size)
+                chunks = chunks[chunks < new.chunk_means.shape[2]]
+                out[f"layers.{i}.chunks"] = chunks.cpu()
+                out[f"layers.{i}.chunk_means"] = new.chunk_means[:, :, chunks].contiguous().cpu()
         else:
             out.update({f"layers.{i}.{k}": v.contiguous().cpu() for k, v in new.tensors().items()})
     return out
@@ -435,6 +440,9 @@ def apply_delta(state: InfiniteVLState, tensors: dict[str, torch.Tensor]) -> Non
             layer.keys[:, :, slots] = tensors[f"layers.{i}.keys"].to(layer.keys)
             layer.values[:, :, slots] = tensors[f"layers.{i}.values"].to(layer.values)
             layer.positions[:, slots] = tensors[f"layers.{i}.positions"].to(layer.positions.device)
+            if f"layers.{i}.chunks" in tensors:
+                chunks = tensors[f"layers.{i}.chunks"].to(layer.keys.device)
+                layer.chunk_means[:, :, chunks] = tensors[f"layers.{i}.chunk_means"].to(layer.chunk_means)
         else:
             for k, t in layer.tensors().items():
                 t.copy_(tensors[f"layers.{i}.{k}"])
