@@ -300,3 +300,54 @@ def test_online_session_runs_100k_tokens_in_constant_state():
     ns, W = SINK_OPTS["num_sink_tokens"], SINK_OPTS["sliding_window"]
     assert layer.positions[0, :ns].tolist() == list(range(ns))
     assert sorted(layer.positions[0, ns:].tolist()) == list(range(100_000 - (W - 1), 100_000))
+
+
+# -- conversion and long-sequence training ----------------------------------------------------------------------------
+def test_convert_base_to_variants_and_train_one_under_its_mask(tmp_path):
+    """`infinitevl convert --variant` changes only config.json; `sft-long` then trains the variant (its own mask:
+    packed samples one at a time, sinks and window inside each)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import MEDIA
+    from safetensors.torch import load_file
+
+    from infinitevl.model import InfiniteVLForConditionalGeneration as Model
+    from infinitevl.training.config import load_config
+    from infinitevl.training.convert import convert
+    from infinitevl.training.loop import Trainer
+    from infinitevl.training.teacher import new_qwen_teacher
+
+    teacher = new_qwen_teacher(tmp_path / "teacher", seed=0)
+    base = convert(teacher, tmp_path / "base", layer_types=[FULL, LINEAR, LINEAR, LINEAR], window=None)
+    exe = Path(sys.executable).with_name("infinitevl")
+    args = ["convert", "--variant", "online", "--base", base, "--out", tmp_path / "online"]
+    args += ["--option", "num_sink_tokens=4", "--option", "sliding_window=16"]
+    proc = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    online = Model.from_pretrained(tmp_path / "online")
+    assert online.config.text.layer_types[0] == SINK and online.config.text.num_sink_tokens == 4
+    weights = {p.name for p in base.glob("*.safetensors")}
+    for name in weights:  # parameter-free: the same tensors, byte for byte
+        a, b = load_file(base / name), load_file(tmp_path / "online" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from infinitevl.training.variants import make_variant
+
+    offline = make_variant(base, tmp_path / "offline", "offline", sparse_chunk_size=4, sparse_local_tokens=8)
+    assert Model.from_pretrained(offline).config.text.layer_types[0] == SPARSE
+    with pytest.raises(ConfigError, match="unknown option"):
+        make_variant(base, tmp_path / "bad", "online", num_sinks=3)
+
+    lines = (MEDIA / "wiki_demo.txt").read_text().splitlines()
+    (tmp_path / "train.txt").write_text("\n".join(lines[:12]))
+    raw = ["data.max_length=96", "batch_size=2", "optim.warmup_ratio=0.0", "log_every=100", "data.pack=true"]
+    raw.append(f"data.train={tmp_path / 'train.txt'}")
+    cfg = load_config(
+        None, raw, stage="sft-long", student=str(tmp_path / "online"), out=str(tmp_path / "run"), max_steps=3
+    )
+    trainer = Trainer(cfg)
+    assert trainer.student.config.text.layer_types[0] == SINK
+    final = trainer.fit()
+    assert trainer.step == 3 and all(torch.isfinite(torch.tensor(v)) for v in final.values() if isinstance(v, float))
+    assert (tmp_path / "run" / "adapters").exists()

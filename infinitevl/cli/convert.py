@@ -11,7 +11,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "convert", help=HELP, description=HELP + " (see infinitevl/training/convert.py for the initialisation)."
     )
-    p.add_argument("--teacher", required=True, help="Qwen2.5-VL folder (config.json + safetensors)")
+    p.add_argument("--teacher", default=None, help="Qwen2.5-VL folder (config.json + safetensors)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--init",
@@ -28,10 +28,29 @@ def add_parser(sub) -> None:
     p.add_argument("--window", type=int, default=8192, help="sliding window of the softmax layers (0: full)")
     p.add_argument("--expand-v", type=float, default=2, help="GDN value width as a multiple of the key width")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="storage dtype (default: fp32)")
+    p.add_argument(
+        "--variant",
+        choices=["online", "offline"],
+        default=None,
+        help="instead: turn the InfiniteVL model --base into the paper's v2 Online or Offline variant (a config change; "
+        "docs/variants.md)",
+    )
+    p.add_argument("--base", default=None, help="with --variant: the InfiniteVL-Base folder")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="with --variant: a size other than the paper's, e.g. num_sink_tokens=64 (repeatable)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.variant or args.base:
+        return _variant(args)
+    if not args.teacher:
+        raise SystemExit("convert: --teacher is required (or --variant with --base)")
     import torch
 
     from ..checkpoint import resolve
@@ -51,4 +70,22 @@ def run(args) -> int:
     cfg = json.loads((out / "config.json").read_text())
     kinds = {t: cfg["layer_types"].count(t) for t in sorted(set(cfg["layer_types"]))}
     print(f"student written to {out}: {kinds}")
+    return 0
+
+
+def _variant(args) -> int:
+    from ..training.variants import make_variant
+
+    if not (args.variant and args.base):
+        raise SystemExit("convert: --variant and --base go together")
+    options = {}
+    for item in args.option:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"convert: --option {item!r} is not FIELD=VALUE")
+        options[name.strip()] = json.loads(value)
+    out = make_variant(args.base, args.out, args.variant, **options)
+    cfg = json.loads((out / "config.json").read_text())
+    kinds = {t: cfg["layer_types"].count(t) for t in sorted(set(cfg["layer_types"]))}
+    print(f"{args.variant} variant written to {out}: {kinds}")
     return 0

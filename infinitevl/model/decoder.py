@@ -135,7 +135,8 @@ class InfiniteVLTextModel(nn.Module):
                 x = layer(x, cos, sin, layout, layer_state, past, kernels)
             if hiddens is not None and i < len(self.layers) - 1:
                 hiddens.append(x)
-        x = step.rms_norm(x, self.norm.weight, self.norm.eps, kernels=kernels)[0]
+        # the module itself unless fused: training's final_hidden_hook watches `norm`'s forward
+        x = step.rms_norm(x, self.norm.weight, self.norm.eps, kernels=True)[0] if kernels else self.norm(x)
         if hiddens is not None:
             hiddens.append(x)  # as the official model: the last entry is after the final norm
         if state is not None:

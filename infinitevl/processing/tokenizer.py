@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
 
 # Qwen2-VL's ChatML template with vision placeholders (the default system prompt is Qwen's).
 CHAT_TEMPLATE = (
@@ -49,7 +49,12 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerFast:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder))
+        # A tokenizer_config.json that names its class needs no config.json; reading that file would fail on layer
+        # types transformers does not know (the v2 variants' sink_sliding_attention / block_sparse_attention).
+        tok_cfg = folder / "tokenizer_config.json"
+        named = tok_cfg.exists() and "tokenizer_class" in json.loads(tok_cfg.read_text())
+        kwargs = {"config": PretrainedConfig()} if named else {}
+        tok = AutoTokenizer.from_pretrained(str(folder), **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
     if not getattr(tok, "chat_template", None):
