@@ -310,7 +310,9 @@ def test_slow_headers_and_bodies_are_cut_off(model_dir):
 
 
 def test_dns_rebinding_and_cross_site_requests_are_refused(http, model_dir):
-    assert error_of(http.get("/v1/models", headers={"Host": "attacker.example"}), 403)["code"] == "host_not_allowed"
+    for name in ("attacker.example", "127.0.0.1.attacker.example:8000", "127.attacker.example"):
+        assert error_of(http.get("/v1/models", headers={"Host": name}), 403)["code"] == "host_not_allowed"
+    assert http.get("/v1/models", headers={"Host": "127.0.0.2:8000"}).status_code == 200
     assert http.get("/v1/models", headers={"Host": "localhost:8000"}).status_code == 200
     assert http.get("/v1/models", headers={"Host": "[::1]:8000"}).status_code == 200
     page = {"Origin": "http://attacker.example"}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 from urllib.parse import urlsplit
 
@@ -82,6 +83,14 @@ def host_name(value: str) -> str:
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
+def _loopback_address(name: str) -> bool:
+    """An IP address literal of the loopback network (127.0.0.0/8, ::1); host names never are."""
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 class SameSiteMiddleware:
     def __init__(self, app: ASGIApp, allowed_hosts: tuple[str, ...], allowed_origins: tuple[str, ...]):
         self.app = app
@@ -102,7 +111,7 @@ class SameSiteMiddleware:
     def _problem(self, scope: Scope) -> APIError | None:
         headers = dict(scope["headers"])
         host = headers.get(b"host", b"").decode("latin-1")
-        if not self.any_host and host_name(host) not in self.hosts and not host_name(host).startswith("127."):
+        if not self.any_host and host_name(host) not in self.hosts and not _loopback_address(host_name(host)):
             return APIError(
                 403,
                 f"the Host {host[:100]!r} is not one this server answers to: without an API key it answers only "
