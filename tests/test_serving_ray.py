@@ -27,6 +27,7 @@ from test_serving import DATA
 from test_serving_eval import documented_eval_commands
 from test_serving_sessions import frame_item, jpeg
 
+from infinitevl.cli.main import build_parser
 from infinitevl.engine.generation import SamplingParams
 from infinitevl.engine.runtime import InfiniteVL
 from infinitevl.processing.media import iter_video, load_image
@@ -106,6 +107,12 @@ def test_the_documented_config_file_and_serve_run_arguments_build_the_deployment
         build({"state_dir": str(tmp_path), "max_bach": 4})
     with pytest.raises(ValueError, match="state_dir is required"):
         build({"replicas": 2})
+    text = (ROOT / "docs" / "scaling.md").read_text()
+    commands = [c for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S) for c in block.splitlines()]
+    assert len([c for c in commands if c.startswith("infinitevl serve --ray")]) == 2
+    for command in commands:
+        if command.startswith("infinitevl serve"):  # every option documented exists
+            assert build_parser().parse_args(shlex.split(command)[1:]).ray
     scaled = build({"state_dir": str(tmp_path), "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8})
     auto = scaled._bound_deployment._deployment_config.autoscaling_config
     assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 4, 8)
@@ -178,6 +185,28 @@ def test_the_benchmarks_measurements_through_the_ray_proxy(cluster):
     sid = httpx.post(f"{url}/v1/sessions", json={"frame_size": SIZE}).json()["id"]
     cost = bench.request_cost(url, sid, 3)
     assert {k: v["repeats"] for k, v in cost.items()} == {"health": 3, "session_info": 3}
+
+
+def test_every_replicas_metrics_through_rays_metrics_endpoint(cluster):
+    """The proxy's /metrics answers for one replica; Ray's own metrics endpoint (what Prometheus scrapes on each
+    node) has every replica's series, tagged with the replica."""
+    url, _ = cluster
+    replicas = set()
+    with httpx.Client(base_url=url, timeout=60) as http:
+        for i in range(40):  # the replicas' names, from requests that land on each
+            replicas.add(http.get("/health", headers={"x-session-id": f"probe-{i}"}).headers["x-replica"])
+        assert "infinitevl_queue_depth" in http.get("/metrics").text
+    assert len(replicas) == 2
+    port = int(next(Path("/tmp/ray/session_latest").glob("metrics_export_port_*")).read_text().strip())
+    deadline = time.monotonic() + 90
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+        lines = [line for line in text.splitlines() if "infinitevl_queue_depth" in line and "replica=" in line]
+        if all(any(r in line for line in lines) for r in replicas) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    for r in replicas:
+        assert any(r in line for line in lines), (r, lines)
 
 
 def retrying(call, seconds: float = 90.0) -> httpx.Response:

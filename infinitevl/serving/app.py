@@ -54,6 +54,17 @@ class ServerContext:
     def model_kind(self) -> str:
         return "untrained" if self.engine.untrained else ("task" if self.engine.note else "general")
 
+    def refresh_metrics(self) -> None:
+        """Set the gauges that are read, not counted, to their values now (before the metrics are rendered)."""
+        m, scheduler, sessions = self.metrics, self.scheduler, self.sessions
+        m.queue_depth.set(scheduler.queued)
+        m.active_streams.set(scheduler.active)
+        m.sessions.set(len(sessions.ids()))
+        loaded = sessions.loaded_count()
+        m.sessions_loaded.set(loaded)
+        m.state_bytes.set(scheduler.pool.nbytes + loaded * sessions.state_nbytes)
+        m.refresh()
+
     def drain(self) -> None:
         """The server is stopping: running answers get `shutdown_grace` seconds, nothing new starts."""
         self.scheduler.drain(self.config.shutdown_grace)
@@ -168,15 +179,8 @@ def _ops_routes(app: FastAPI, ctx: ServerContext, version: str) -> None:
     async def metrics() -> Response:
         """Prometheus metrics: queue depth, active streams, tokens per second, prefill and decode latency
         histograms, sessions and state bytes."""
-        m = ctx.metrics
-        m.queue_depth.set(scheduler.queued)
-        m.active_streams.set(scheduler.active)
-        m.sessions.set(len(sessions.ids()))
-        loaded = sessions.loaded_count()
-        m.sessions_loaded.set(loaded)
-        m.state_bytes.set(scheduler.pool.nbytes + loaded * sessions.state_nbytes)
-        m.refresh()
-        return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        ctx.refresh_metrics()
+        return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 def bound_onednn_cache(capacity: int) -> None:

@@ -92,6 +92,40 @@ class HandoffWatcher(threading.Thread):
                 log.info("handed over to another replica: %s", ", ".join(released))
 
 
+class MetricsMirror(threading.Thread):
+    """Every `interval` s, this replica's Prometheus series (what its `/metrics` serves) as Ray metrics tagged with
+    the replica, so that Ray's per-node metrics endpoint (scraped by Prometheus through Ray's service discovery
+    file) has every replica's series: the proxy's `/metrics` answers for one replica only."""
+
+    def __init__(self, ctx, replica: str, interval: float = 5.0):
+        super().__init__(name="infinitevl-metrics", daemon=True)
+        self.ctx, self.replica, self.interval, self.stopped = ctx, replica, interval, threading.Event()
+        self.gauges: dict[str, object] = {}
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                self.mirror()
+            except Exception:
+                log.exception("mirroring metrics to Ray failed")
+
+    def mirror(self) -> int:
+        """Copy every sample once; returns how many."""
+        from ray.util.metrics import Gauge
+
+        self.ctx.refresh_metrics()
+        n = 0
+        for family in self.ctx.metrics.registry.collect():
+            for sample in family.samples:
+                gauge = self.gauges.get(sample.name)
+                if gauge is None:
+                    keys = (*sorted(sample.labels), "replica")
+                    gauge = self.gauges[sample.name] = Gauge(sample.name, family.documentation or family.name, keys)
+                gauge.set(sample.value, tags={**sample.labels, "replica": self.replica})
+                n += 1
+        return n
+
+
 @serve.ingress()
 class InfiniteVLReplica:
     """One replica: the engine and `create_app`'s app, with a shared state directory."""
@@ -108,7 +142,7 @@ class InfiniteVLReplica:
         self.config = ServerConfig(**{**server, "state_shared": True})
         context = serve.get_replica_context()
         self.replica = f"{context.replica_id.unique_id}@{socket.gethostname()}:{os.getpid()}"
-        self.watcher = None
+        self.watcher = self.mirror = None
 
     def __serve_build_asgi_app__(self):
         from .app import create_app
@@ -117,6 +151,8 @@ class InfiniteVLReplica:
         self.ctx = app.state.ctx
         self.watcher = HandoffWatcher(self.ctx)
         self.watcher.start()
+        self.mirror = MetricsMirror(self.ctx, self.replica)
+        self.mirror.start()
         replica = self.replica.encode()
 
         async def with_replica_header(scope, receive, send):
@@ -136,8 +172,9 @@ class InfiniteVLReplica:
             raise RuntimeError("the model's worker thread has died")
 
     def __del__(self) -> None:
-        if getattr(self, "watcher", None) is not None:
-            self.watcher.stopped.set()
+        for thread in (getattr(self, "watcher", None), getattr(self, "mirror", None)):
+            if thread is not None:
+                thread.stopped.set()
 
 
 def build(args: dict) -> serve.Application:
