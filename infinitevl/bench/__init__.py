@@ -12,6 +12,8 @@ Sections (each a module with a `run(plan, ...)` that returns a JSON-able dict):
     streaming  frames per second over a long stream of 448x448 frames, end to end and decoder only
     precision  fp32 / bf16 / int8 / int4 at real size: load, peak memory, decode, prefill, vision; llama.cpp beside
     quality    bf16 / int8 / int4 against fp32 on the bundled trained model and the official fixture
+    variants   the paper's v2 variants: Offline's block-sparse prefill against dense full attention on the same
+               layer, Online's decode latency and state bytes against context (docs/variants.md)
     ray        the server on Ray Serve: sessions' frames/s on 1 vs 2 replicas, a session's move after a kill, the
                proxy's cost per request (not in the quick plan: it starts a Ray cluster)
 
@@ -19,5 +21,17 @@ Sections (each a module with a `run(plan, ...)` that returns a JSON-able dict):
 markdown. Nothing here changes the model or the engine: it only drives them.
 """
 
-SECTIONS = ("machine", "ops", "decode", "prefill", "memory", "real", "streaming", "precision", "quality", "ray")
+SECTIONS = (
+    "machine",
+    "ops",
+    "decode",
+    "prefill",
+    "memory",
+    "real",
+    "streaming",
+    "precision",
+    "quality",
+    "variants",
+    "ray",
+)
 CONFIG_NAMES = ("tiny", "mini", "4b")  # the measured configurations (`configs.py` builds them)

@@ -947,6 +947,40 @@ def ray_md(record: dict) -> str:
     return text + "\n\n" + _method("ray")
 
 
+def variants_md(record: dict) -> str:
+    """Offline's prefill against dense attention on the same layer; Online's decode against context."""
+    r = record["result"]
+    rows = []
+    for p in r["offline_prefill"]:
+        if p["status"] != "measured":
+            rows.append([fmt_tokens(p["tokens"]), p["status"].replace("_", " "), "-", "-", "-", "-"])
+            continue
+        rows.append(
+            [
+                fmt_tokens(p["tokens"]),
+                f"{p['offline_s']:.2f}",
+                f"{p['base_s']:.2f}",
+                f"{p['sdpa_s']:.2f}",
+                f"{p['base_s'] / p['offline_s']:.2f}x / {p['sdpa_s'] / p['offline_s']:.2f}x",
+                fmt_bytes(p["offline_cache_bytes"]),
+            ]
+        )
+    header = ["tokens", "Offline s", "Base s", "causal SDPA s", "Base / Offline, SDPA / Offline", "Offline cache"]
+    w = record["settings"]["offline"]["widths"]
+    text = (
+        f"Offline (block-sparse) against dense full attention, one softmax layer (hidden {w['hidden']}, "
+        f"{w['heads']} heads, {w['kv_heads']} key/value heads, head dim {w['head_dim']}):\n\n"
+    )
+    text += _table(header, rows)
+    rows = [
+        [fmt_tokens(p["context"]), f"{p['median_s'] * 1e3:.2f}", fmt_bytes(p["state_bytes"])]
+        for p in r["online_decode"]
+    ]
+    text += "\n\nOnline (sinks + window), one decode step after a context (tiny model):\n\n"
+    text += _table(["context", "decode ms (median)", "state"], rows)
+    return text + "\n\n" + _method("variants")
+
+
 SECTION_MD = {
     "machine": ("The limit: this machine", machine_md),
     "decode": ("Decode latency against context", decode_md),
@@ -957,6 +991,7 @@ SECTION_MD = {
     "precision": ("Precision: fp32, bf16, int8, int4 at real size", precision_md),
     "quality": ("Precision: quality against fp32", quality_md),
     "ray": ("Ray Serve", ray_md),
+    "variants": ("Variants: Online and Offline", variants_md),
 }
 
 

@@ -47,6 +47,7 @@ class Plan:
     precision: dict[str, Any] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)
     ray: dict[str, Any] = field(default_factory=lambda: {"skip": True})  # Ray Serve replicas (bench/ray.py)
+    variants: dict[str, Any] = field(default_factory=dict)  # Online / Offline (bench/variants.py)
 
     def select(self, configs: list[str] | None) -> Plan:
         """The plan restricted to some configurations (streaming runs only if its config is among them)."""
@@ -77,7 +78,7 @@ class Plan:
         if name in ("decode", "prefill", "memory", "real"):
             names = getattr(self, f"{name}_configs")
             return {n: getattr(self, name)[n] for n in names}
-        if name in ("precision", "quality", "ray"):
+        if name in ("precision", "quality", "ray", "variants"):
             return getattr(self, name)
         return self.streaming
 
@@ -212,6 +213,17 @@ def full_plan() -> Plan:
         ),
         # the bundled model; frames of 224x224 (64 tokens each), 4 sessions at once, 1 then 2 replicas
         ray=dict(sessions=4, frames=8, frame_size=224, requests=200, max_batch=8),
+        # Offline against dense at the 4B layer's widths (the paper's sizes); Online with 256 sinks + 2048 window
+        variants=dict(
+            offline=dict(
+                widths=dict(hidden=2048, heads=16, kv_heads=2, head_dim=128),
+                tokens=[16 * K, 32 * K, 64 * K, 128 * K, 256 * K],
+                budget_s=900,
+            ),
+            online=dict(
+                num_sinks=256, window=2048, contexts=[1 * K, 4 * K, 16 * K, 64 * K], prefill_chunk=8 * K, steps=20
+            ),
+        ),
     )
 
 
@@ -297,6 +309,15 @@ def quick_plan() -> Plan:
             fixture=str(FIXTURE),
             fixture_group_size=32,
         ),
+        variants=dict(
+            offline=dict(
+                widths=dict(hidden=64, heads=4, kv_heads=2, head_dim=16),
+                pattern=dict(sparse_chunk_size=8, sparse_top_k=4, sparse_local_tokens=32, sparse_dense_threshold=64),
+                tokens=[256, 512],
+                budget_s=60,
+            ),
+            online=dict(num_sinks=8, window=32, contexts=[64, 256], prefill_chunk=128, steps=3),
+        ),
         # no ray section: it starts a Ray cluster (test_serving_ray.py runs its measurements against one)
         notes=["quick run: tiny sizes that only check that the benchmark code works; its numbers mean nothing"],
         # one thread: tiny ops are dominated by thread wake-ups, ruinously so when another process holds a core
@@ -352,6 +373,10 @@ def run_section(name: str, plan: Plan, out: Path, progress) -> dict[str, Any]:
         from . import ray
 
         return ray.run(plan, progress)
+    if name == "variants":
+        from . import variants
+
+        return variants.run(plan, progress)
     raise ValueError(f"unknown section {name!r}; known: {list(SECTIONS)}")
 
 
