@@ -186,6 +186,7 @@ def run(plan, progress) -> dict[str, Any]:
             plain = request_cost(srv.url, sid, p["requests"])
         del engine
         port = _free_port()
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # the cluster started here reports to no one
         ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -253,6 +253,7 @@ def serve_on_ray(
 
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     server = {k: str(v) if isinstance(v, Path) else v for k, v in fields.items() if v is not None}
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a cluster started here reports to no one
     ray.init(address=address, include_dashboard=False)
     try:
         serve.start(http_options={"host": host, "port": port})
