@@ -314,6 +314,24 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
 
 
+def write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file with the permissions of any other file the user writes (safetensors makes it 0600)."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def current_umask() -> int:
+    try:  # Linux says it without changing it (os.umask would, for a moment, in every thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_pretrained(model, path, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None) -> Path:
     """Official format: config.json (flat), legacy key names, lm_head omitted when tied, shards above the limit."""
     folder = Path(path)
@@ -342,12 +360,12 @@ def save_pretrained(model, path, max_shard_size: int | str = "5GB", dtype: torch
     for stale in [folder / WEIGHTS, folder / INDEX, *folder.glob("model-*-of-*.safetensors")]:
         stale.unlink(missing_ok=True)
     if len(shards) == 1:
-        save_file(shards[0], str(folder / WEIGHTS), metadata={"format": "pt"})
+        write_tensors(shards[0], folder / WEIGHTS)
     else:
         weight_map, total = {}, 0
         for i, shard in enumerate(shards, 1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(folder / name), metadata={"format": "pt"})
+            write_tensors(shard, folder / name)
             for key, t in shard.items():
                 weight_map[key] = name
                 total += t.numel() * t.element_size()

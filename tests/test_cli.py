@@ -171,7 +171,9 @@ def test_chat_is_multi_turn_with_images(model_dir, tmp_path):
         "4",
         stdin=f"Hello\n/image {DATA / '3.jpg'}\nWhat is this?\n/stats\n/nonsense\n/quit\n",
     )
-    assert "[image attached" in proc.stderr and "turns 2" in proc.stderr and "unknown command /nonsense" in proc.stderr
+    assert (
+        "[image attached" in proc.stderr and ", 2 turns]" in proc.stderr and "unknown command /nonsense" in proc.stderr
+    )
     assert len(proc.stdout.splitlines()) >= 2
     assert proc.stderr.count("untrained") == 1  # the model's note, once for the whole conversation
 
@@ -191,9 +193,9 @@ def test_a_mistake_never_ends_a_chat(model_dir, tmp_path):
         "Still there?\n/stats\n",
     )
     assert "missing.jpg: no such file; nothing attached" in proc.stderr
-    assert "cannot decode image" in proc.stderr
-    assert "[error:" in proc.stderr  # the failed save
-    assert "turns 2" in proc.stderr and "Traceback" not in proc.stderr  # both messages answered, text only
+    assert f"{not_an_image}: not an image file" in proc.stderr
+    assert f"{blocker} is a file, not a folder; nothing saved" in proc.stderr  # the failed save
+    assert ", 2 turns]" in proc.stderr and "Traceback" not in proc.stderr  # both messages answered, text only
 
 
 def test_stream_a_video_and_a_frame_folder_then_inspect_the_state(model_dir, tmp_path):

@@ -1,8 +1,10 @@
 """`infinitevl chat`: an interactive multi-turn conversation in constant memory.
 
-Lines typed are user messages; `/image PATH` attaches an image to the next message (the file is read at once),
-`/stats` shows the state, `/save PATH` writes a snapshot, `/reset` starts over, `/quit` (or end of input) leaves.
-A mistake (a missing file, a failed save) is reported and the conversation goes on."""
+Lines typed are user messages, answered as the text is made; `/image PATH` attaches an image to the next message
+(the file is read at once), `/stats` shows the state and the speed of the last answer, `/save PATH` writes a
+snapshot, `/reset` starts over, `/quit` (or end of input) leaves. Ctrl-C during an answer stops that answer only:
+the part already written stays in the conversation. A mistake (a missing file, a failed save) is reported and the
+conversation goes on."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ import sys
 
 from .common import (
     CliError,
+    CtrlC,
     add_model_args,
     add_sampling_args,
     check_model_args,
+    check_output_file,
     load_engine,
     mb,
     read_image,
@@ -41,6 +45,7 @@ def run(args) -> int:
     engine = load_engine(args)
     session = engine.session(args.system)
     pending: list = []  # images for the next message, already decoded
+    last = None  # the speed of the last answer, for /stats
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -55,10 +60,10 @@ def run(args) -> int:
             break
         try:
             if line.startswith("/"):
-                session, pending = command(line, engine, session, pending, args)
+                session, pending = command(line, engine, session, pending, args, last)
                 continue
             images, pending = pending, []  # attached to this message only, even if it fails
-            print(session.chat(line, sampling, images=images), flush=True)
+            last = answer(session, line, sampling, images, args.verbose)
         except Exception as err:  # an error never ends the conversation
             if args.debug:
                 raise
@@ -66,8 +71,36 @@ def run(args) -> int:
     return 0
 
 
-def command(line: str, engine, session, pending: list, args):
+def answer(session, line: str, sampling, images: list, verbose: bool):
+    """One answer, printed as it is made; Ctrl-C stops it after the current token (the conversation goes on, with
+    the part already printed in it). Returns the answer's speed."""
+    from ..engine.speed import Speed, memory_text
+
+    speed = Speed()
+    pieces = session.chat_stream(line, sampling, images=images, speed=speed)
+    stopped = False
+    with CtrlC() as ctrl_c:
+        try:
+            for piece in pieces:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+                if ctrl_c.pressed:
+                    stopped = True
+                    break
+        finally:
+            pieces.close()  # commits the answer (all of it, or the part made before Ctrl-C)
+    print(flush=True)
+    if stopped:
+        say("answer stopped by Ctrl-C; the part above stays in the conversation")
+    if verbose:
+        say(f"{speed.describe()}; {memory_text(session.stats.state_bytes)}")
+    return speed
+
+
+def command(line: str, engine, session, pending: list, args, last=None):
     """One /command; returns the (possibly new) session and the pending images."""
+    from ..engine.speed import memory_text, plural
+
     name, _, rest = line.partition(" ")
     rest = rest.strip()
     if name == "/image" and rest:
@@ -82,9 +115,16 @@ def command(line: str, engine, session, pending: list, args):
         say("conversation reset")
     elif name == "/stats":
         s = session.stats
-        say(f"tokens {s.tokens}, state {mb(s.state_bytes)}, turns {s.questions}")
+        say(f"{plural(s.tokens, 'token')}, state {mb(s.state_bytes)}, {plural(s.questions, 'turn')}")
+        say(f"last answer: {last.describe()}" if last is not None else "no answer yet")
+        say(memory_text())
     elif name == "/save" and rest:
-        say(f"saved {session.save(rest)}")
+        try:
+            path = check_output_file(rest, "/save")
+        except CliError as err:
+            say(f"{err}; nothing saved")
+            return session, pending
+        say(f"saved {session.save(path)}")
     else:
         say(f"unknown command {line}; known: {COMMANDS}")
     return session, pending

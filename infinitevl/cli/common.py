@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")  # "auto" or a torch dtype's name, resolved when the model loads
@@ -67,7 +69,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         default=None,
-        help="model folder or hub id (default: the small model bundled with the package, trained for one task only)",
+        help="model folder or hub id (default: the small model bundled with the package, trained for two digit "
+        "tasks only; make a random one of a real size with `infinitevl init-model`)",
     )
     g.add_argument(
         "--dtype",
@@ -84,7 +87,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "embedding / lm_head become int8, the vision tower keeps --dtype (default: none)",
     )
     g.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64, 128 or 256 (default: 128)")
-    g.add_argument("--verbose", action="store_true", help="print the precision chosen and why")
+    g.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print the precision chosen and why, and after each answer its speed (prefill and decode tokens/s), "
+        "the peak memory and the state size",
+    )
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     g.add_argument("--chunk-size", type=int, default=2048, help="prefill chunk length in tokens")
 
@@ -150,6 +158,18 @@ def check_file(path: str | Path, what: str) -> Path:
     return p
 
 
+def check_video(path: str | Path, what: str) -> Path:
+    """An input video that exists and whose first frame decodes (checked before the model loads)."""
+    from ..processing.media import MediaError, probe_video
+
+    p = check_file(path, what)
+    try:
+        probe_video(p)
+    except MediaError as err:
+        raise CliError(f"{what} {err}") from err
+    return p
+
+
 def read_image(path: str | Path, what: str):
     """An input image, decoded now (a missing or unreadable file is reported before the model loads)."""
     from ..processing.media import MediaError, load_image
@@ -192,3 +212,39 @@ def load_engine(args):
 
 def mb(nbytes: int) -> str:
     return f"{nbytes / 2**20:.2f} MB"
+
+
+class CtrlC:
+    """Within `with CtrlC() as ctrl_c:`, a first Ctrl-C (SIGINT) sets `ctrl_c.pressed` instead of raising, so that the
+    work in hand stops at its next safe point (after a token, after a frame) and never halfway through a change of
+    the state; a second Ctrl-C raises KeyboardInterrupt as usual."""
+
+    def __enter__(self) -> CtrlC:
+        self.pressed = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def check_output_file(path: str | Path, what: str) -> Path:
+    """A file to be written: its folder must exist (nothing is created on the user's behalf), and it must not be a
+    folder itself. Checked before the model loads."""
+    p = Path(path)
+    if p.is_dir():
+        raise CliError(f"{what} {path}: is a folder; give a file name, e.g. {p / 'state.safetensors'}")
+    parent = p.parent
+    if parent.exists() and not parent.is_dir():
+        raise CliError(f"{what} {path}: {parent} is a file, not a folder")
+    if not parent.exists():
+        raise CliError(f"{what} {path}: the folder {parent} does not exist (create it first)")
+    return p

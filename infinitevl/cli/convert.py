@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 
 HELP = "build an InfiniteVL student from a Qwen2.5-VL teacher checkpoint"
+DESCRIPTION = (
+    HELP + ". The student keeps the teacher's vision tower, embeddings, MLPs and norms; its softmax-attention layers "
+    "keep the teacher's attention weights with a sliding window, and its Gated DeltaNet layers start from the "
+    "teacher's query, key, value and output projections (--init teacher) or from the official random initialisation "
+    "(--init mimic). Distillation (`infinitevl train`) then teaches the new layers."
+)
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "convert", help=HELP, description=HELP + " (see infinitevl/training/convert.py for the initialisation)."
-    )
+    p = sub.add_parser("convert", help=HELP, description=DESCRIPTION)
     p.add_argument("--teacher", default=None, help="Qwen2.5-VL folder (config.json + safetensors)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
@@ -27,7 +31,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--window", type=int, default=8192, help="sliding window of the softmax layers (0: full)")
     p.add_argument("--expand-v", type=float, default=2, help="GDN value width as a multiple of the key width")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="storage dtype (default: fp32)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="storage dtype of the student's weights (default: float32, the dtype it is built in)",
+    )
     p.add_argument(
         "--variant",
         choices=["online", "offline"],

@@ -141,7 +141,7 @@ def _recall_demo(engine, contrast, args, media) -> None:
         answer = session.ask(QUESTION.format(tag=tag), greedy).strip()
         ok = answer == str(digit)
         right += ok
-        line = f"  tag {tag}, shown {distance:4d} frames ago: answer {answer!r:5} truth {digit}  {_verdict(ok):7}"
+        line = f"  tag {tag}, shown {distance:4d} frame{'s' if distance != 1 else ' '} ago: answer {answer!r:5} truth {digit}  {_verdict(ok):7}"
         if other is not None:
             theirs = other.ask(QUESTION.format(tag=tag), greedy).strip()
             other_right += theirs == str(digit)

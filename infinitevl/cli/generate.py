@@ -8,8 +8,8 @@ from .common import (
     CliError,
     add_model_args,
     add_sampling_args,
-    check_file,
     check_model_args,
+    check_video,
     load_engine,
     read_image,
     sampling_from,
@@ -35,7 +35,7 @@ def run(args) -> int:
     check_model_args(args)
     images = [read_image(path, "--image") for path in args.image]
     if args.video:
-        check_file(args.video, "--video")
+        check_video(args.video, "--video")
     if args.video_fps <= 0 or args.video_max_frames < 1:
         raise CliError("--video-fps must be > 0 and --video-max-frames >= 1")
     sampling = sampling_from(args)
@@ -49,8 +49,15 @@ def run(args) -> int:
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": content}
     ]
-    for piece in engine.generate_stream(messages, sampling):
+    from ..engine.speed import Speed, memory_text
+
+    speed = Speed()
+    for piece in engine.generate_stream(messages, sampling, speed=speed):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    if args.verbose:
+        state_bytes = engine.model.new_state().nbytes
+        print(f"{speed.describe()}; {memory_text(state_bytes)}", file=sys.stderr)
     return 0

@@ -13,10 +13,40 @@ import re
 import sys
 
 from .. import __version__
-from . import bench, chat, convert, demo, evaluate, generate, merge, miniature, quantize, serve, state, stream, train
+from . import (
+    bench,
+    chat,
+    convert,
+    demo,
+    evaluate,
+    generate,
+    init_model,
+    merge,
+    miniature,
+    quantize,
+    serve,
+    state,
+    stream,
+    train,
+)
 from .common import HelpFormatter
 
-SUBCOMMANDS = [generate, chat, stream, demo, state, convert, train, merge, quantize, evaluate, serve, bench, miniature]
+SUBCOMMANDS = [
+    generate,
+    chat,
+    stream,
+    demo,
+    state,
+    init_model,
+    convert,
+    train,
+    merge,
+    quantize,
+    evaluate,
+    serve,
+    bench,
+    miniature,
+]
 
 
 def did_you_mean(word: str, candidates) -> str:
@@ -39,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="infinitevl",
         description="InfiniteVL: a vision-language model with constant-size memory, on any CPU.",
         epilog="`infinitevl COMMAND --help` documents each command. Without --model, commands use the small model "
-        "bundled with the package, which was trained for one task only (see `infinitevl demo`).",
+        "bundled with the package, which was trained for two digit tasks only (see `infinitevl demo`); "
+        "`infinitevl init-model` writes a random model of a real size to try speed and memory.",
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"infinitevl {__version__}")

@@ -83,7 +83,9 @@ def add_parser(sub) -> None:
         "folded into the state file when it outgrows it); full = rewrite and fsync the whole state file each time; "
         "none = write only on create, snapshot, idle unloading and shutdown (a crash loses the rest)",
     )
-    g.add_argument("--frame-size", type=int, default=d.frame_size, help="default frame side (448: 256 tokens)")
+    g.add_argument(
+        "--frame-size", type=int, default=d.frame_size, help="frame side of a session that names none (448: 256 tokens)"
+    )
     g = p.add_argument_group("scale-out on Ray Serve (docs/scaling.md)")
     g.add_argument("--ray", action="store_true", help="serve N replicas through Ray's HTTP proxy (needs --state-dir)")
     g.add_argument("--replicas", type=int, default=2, help="with --ray: replicas (each its own model and batch)")
@@ -181,7 +183,7 @@ def run(args) -> int:
         f"; sessions {'in ' + str(config.state_dir) if config.state_dir else 'in memory only'}"
         f"; local media {'under ' + str(config.media_root) if config.media_root else 'disabled'})"
         f"\nprecision: {engine.describe_precision()}"
-        + (f"\nnote: every answer carries this note (model_note, X-Model-Note): {engine.note}" if engine.note else "")
+        + ("\nevery answer carries the model's note above (model_note, X-Model-Note)" if engine.note else "")
         + (
             "\nwithout --api-key only loopback Host names are answered: --allowed-hosts NAME,... to serve others "
             "(docs/serving-limits.md)"

@@ -2,7 +2,9 @@
 
 Frames are sampled at --fps and appended one by one with their timestamps; questions scheduled with
 --ask "SECONDS:question" are answered from a branch of the state when the stream reaches that time, without
-disturbing it. The progress bar shows frames per second, tokens seen and the (constant) state size."""
+disturbing it. The progress bar shows frames per second, tokens seen and the (constant) state size. Ctrl-C stops
+the stream after the frame in hand (a second Ctrl-C quits at once): questions not yet reached are skipped, and
+--save-state is still written."""
 
 from __future__ import annotations
 
@@ -12,10 +14,13 @@ from pathlib import Path
 
 from .common import (
     CliError,
+    CtrlC,
     add_model_args,
     add_sampling_args,
     check_file,
     check_model_args,
+    check_output_file,
+    check_video,
     load_engine,
     mb,
     sampling_from,
@@ -57,7 +62,9 @@ def add_parser(sub) -> None:
     p.add_argument("--realtime", action="store_true", help="pace frames by their timestamps (a live feed)")
     p.add_argument("--loops", type=int, default=1, help="play the source this many times (a longer stream)")
     p.add_argument("--load-state", default=None, help="continue a saved stream")
-    p.add_argument("--save-state", default=None, help="write the stream's state here at the end")
+    p.add_argument(
+        "--save-state", default=None, help="write the stream's state here at the end (also when stopped by Ctrl-C)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_args(p)
     add_sampling_args(p, max_new_tokens=48)
@@ -80,7 +87,26 @@ def check_inputs(args) -> Path:
         raise CliError(f"--loops must be >= 1 (got {args.loops})")
     if args.load_state:
         check_file(args.load_state, "--load-state")
+    if args.save_state:
+        check_output_file(args.save_state, "--save-state")
+    if source.is_dir():  # last: decoding the first frame imports PyAV
+        check_frame_folder(source)
+    else:
+        check_video(source, "source")
     return source
+
+
+def check_frame_folder(folder: Path) -> None:
+    """A folder of frames holds images, and the first one decodes (before the model loads)."""
+    from ..processing.media import IMAGE_SUFFIXES, MediaError, load_image
+
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise CliError(f"source {folder}: no image files in that folder ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    try:
+        load_image(files[0])
+    except MediaError as err:
+        raise CliError(f"source {err}") from err
 
 
 def frames(source: Path, fps: float, max_frames: int | None, loops: int):
@@ -108,6 +134,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ..engine.session import StreamSession
+    from ..engine.speed import memory_text, plural
 
     engine = load_engine(args)
     if args.size is None:
@@ -126,34 +153,57 @@ def run(args) -> int:
     )
     # a resumed stream continues after its last frame: the new source's clock starts there
     offset = session.segment.last_time + 1.0 / args.fps if session.segment is not None else 0.0
-    bar = tqdm(total=args.max_frames, unit="frame", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
+    # the bar's own rate is left out: the postfix has the frames per second of the last frames
+    layout = "{n_fmt} frames [{elapsed}{postfix}]" if args.max_frames is None else None
+    bar = tqdm(
+        total=args.max_frames,
+        unit=" frames",
+        disable=args.no_progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        bar_format=layout or "{l_bar}{bar}| {n_fmt}/{total_fmt} frames [{elapsed}<{remaining}{postfix}]",
+    )
     start_wall = time.perf_counter()
     sizes = set()
-    for frame, t in frames(source, args.fps, args.max_frames, args.loops):
-        if args.realtime:
-            delay = t - (time.perf_counter() - start_wall)
-            if delay > 0:
-                time.sleep(delay)
-        while schedule and schedule[0][0] <= t:
-            when, question = schedule.pop(0)
-            answer = session.ask(question, sampling)
-            bar.write(f"[{when:7.2f}s] Q: {question}\n           A: {answer}")
-        session.append_frame(frame, offset + t)
-        sizes.add(session.stats.state_bytes)
+    stopped = False
+    with CtrlC() as ctrl_c:
+        for frame, t in frames(source, args.fps, args.max_frames, args.loops):
+            if args.realtime:
+                delay = t - (time.perf_counter() - start_wall)
+                if delay > 0:
+                    time.sleep(delay)
+            while schedule and schedule[0][0] <= t and not ctrl_c.pressed:
+                when, question = schedule.pop(0)
+                answer = session.ask(question, sampling)
+                bar.write(f"[{when:7.2f}s] Q: {question}\n           A: {answer}")
+            if ctrl_c.pressed:
+                stopped = True
+                break
+            session.append_frame(frame, offset + t)
+            sizes.add(session.stats.state_bytes)
+            s = session.stats
+            bar.set_postfix_str(f"{s.recent_fps:.1f} frames/s, {s.tokens} tokens, state {mb(s.state_bytes)}")
+            bar.update(1)
+            if ctrl_c.pressed:
+                stopped = True
+                break
+        bar.close()
+        if stopped:
+            print(f"stopped by Ctrl-C after {plural(session.stats.frames, 'frame')}", file=sys.stderr, flush=True)
+        else:
+            for when, question in schedule + ([(None, args.final)] if args.final else []):
+                answer = session.ask(question, sampling)
+                label = "end" if when is None else f"{when:.2f}s"
+                print(f"[{label:>7}] Q: {question}\n           A: {answer}")
         s = session.stats
-        bar.set_postfix_str(f"{s.recent_fps:.1f} frames/s, {s.tokens} tokens, state {mb(s.state_bytes)}")
-        bar.update(1)
-    bar.close()
-    for when, question in schedule + ([(None, args.final)] if args.final else []):
-        answer = session.ask(question, sampling)
-        label = "end" if when is None else f"{when:.2f}s"
-        print(f"[{label:>7}] Q: {question}\n           A: {answer}")
-    s = session.stats
-    wall = time.perf_counter() - start_wall
-    print(
-        f"done: {s.frames} frames, {s.tokens} tokens in {wall:.1f} s ({s.frames / max(wall, 1e-9):.2f} frames/s "
-        f"overall); state size {mb(s.state_bytes)}, {'constant' if len(sizes) <= 1 else 'CHANGED'} throughout"
-    )
-    if args.save_state:
-        print(f"state saved to {session.save(args.save_state)}")
+        wall = time.perf_counter() - start_wall
+        print(
+            f"done: {plural(s.frames, 'frame')}, {plural(s.tokens, 'token')} in {wall:.1f} s "
+            f"({s.frames / max(wall, 1e-9):.2f} frames/s overall, {s.tokens_per_second:.0f} tokens/s of prefill); "
+            f"state size {mb(s.state_bytes)}, {'constant' if len(sizes) <= 1 else 'CHANGED'} throughout"
+        )
+        if args.verbose:
+            print(memory_text(s.state_bytes), file=sys.stderr)
+        if args.save_state:
+            print(f"state saved to {session.save(args.save_state)}", flush=True)
     return 0

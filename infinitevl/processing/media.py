@@ -36,8 +36,49 @@ def load_image(source: str | Path | bytes | Image.Image, max_pixels: int | None 
         raise
     except FileNotFoundError as err:
         raise MediaError(f"{name}: no such file") from err
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
+    except IsADirectoryError as err:
+        raise MediaError(f"{name}: is a folder, not an image file") from err
+    except UnidentifiedImageError as err:
+        raise MediaError(f"{name}: {_not_an_image(source)}") from err
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
         raise MediaError(f"{name}: cannot decode image ({err})") from err
+
+
+def _not_an_image(source) -> str:
+    empty = len(source) == 0 if isinstance(source, bytes) else Path(source).stat().st_size == 0
+    kinds = "JPEG, PNG, WebP, BMP, GIF or TIFF"
+    return "the file is empty, not an image" if empty else f"not an image file (expected {kinds})"
+
+
+def _video_problem(path: Path, err: Exception) -> str:
+    """What went wrong with a video file, in words (PyAV's errors carry an errno and the path)."""
+    import av
+
+    if path.is_file() and path.stat().st_size == 0:
+        return "the file is empty, not a video"
+    if isinstance(err, av.error.InvalidDataError):
+        return "not a video file that can be decoded (e.g. MP4, WebM, AVI, MKV)"
+    reason = getattr(err, "strerror", None) or str(err)
+    return f"cannot decode video ({reason})"
+
+
+def probe_video(path: str | Path) -> None:
+    """Check that `path` is a video whose first frame decodes: a cheap look before any model is loaded."""
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(f"{path}: {'is a folder, not a video file' if path.is_dir() else 'no such file'}")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MediaError(f"{path}: no video stream (an audio file?)")
+            if next(container.decode(container.streams.video[0]), None) is None:
+                raise MediaError(f"{path}: no decodable frames")
+    except MediaError:
+        raise
+    except Exception as err:
+        raise MediaError(f"{path}: {_video_problem(path, err)}") from err
 
 
 @dataclass
@@ -89,7 +130,7 @@ def read_video(
     except MediaError:
         raise
     except Exception as err:  # PyAV raises its own error hierarchy (InvalidDataError, ...)
-        raise MediaError(f"{path}: cannot decode video ({err})") from err
+        raise MediaError(f"{path}: {_video_problem(path, err)}") from err
     if not frames:
         raise MediaError(f"{path}: no decodable frames")
     complete = max_frames is not None and len(frames) >= max_frames or end is not None
@@ -140,4 +181,4 @@ def iter_video(path: str | Path, fps: float, max_frames: int | None = None) -> I
     except MediaError:
         raise
     except Exception as err:
-        raise MediaError(f"{path}: cannot decode video ({err})") from err
+        raise MediaError(f"{path}: {_video_problem(path, err)}") from err
