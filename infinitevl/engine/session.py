@@ -5,13 +5,22 @@ temporal step of 256 tokens (at 448x448) whose temporal RoPE index comes from it
 floor((timestamp - first timestamp) * tokens_per_second) in every `rope_index_mode` (`model.rope.live_frame_offset`,
 the rule training samples made of timed frames follow too); a segment is closed by `<|vision_end|>` when other input
 follows. `ask` answers from a copy of the state (a branch), so the stream
-itself is never disturbed. Media is decoded completely before the state is touched: a frame or file that fails to
+itself is never disturbed.
+
+With `pair_frames`, live frames are encoded two per temporal step, as a video file's frames are (half the tokens and
+tower work per frame): the first frame of a pair is held (decoded, not yet in the state: `stats.pending_frames`)
+until the second arrives; the pair is placed at its first frame's timestamp by the rule above, so a run of paired
+live frames is the video file's block, token for token and position for position. A question between the two frames
+is answered from the frames already in the state. Other input (text, an image, a video, a chat turn) first commits a
+held frame alone, filling both slots (as a video file's odd last frame). Snapshots keep a held frame (`metadata`). Media is decoded completely before the state is touched: a frame or file that fails to
 decode raises `MediaError` and leaves the session exactly as it was. Text, questions and the system prompt are
 tokenized as plain text: only the session's own turn markup becomes control tokens.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import math
 import time
@@ -44,6 +53,7 @@ class SessionStats:
     state_bytes: int = 0
     ingest_seconds: float = 0.0  # wall time spent appending
     recent_fps: float = 0.0  # frames per second over the last appended frames
+    pending_frames: int = 0  # pair_frames: a held first frame of a pair, not yet in the state
     _frame_times: list[float] = field(default_factory=list, repr=False)
 
     @property
@@ -61,6 +71,7 @@ class SessionStats:
             "ingest_seconds": round(self.ingest_seconds, 4),
             "tokens_per_second": round(self.tokens_per_second, 2),
             "recent_fps": round(self.recent_fps, 3),
+            "pending_frames": self.pending_frames,
         }
 
 
@@ -74,6 +85,28 @@ class _Segment:
     last_t: int
 
 
+@dataclass(frozen=True)
+class _Held:
+    """pair_frames: the first frame of a pair (decoded and resized) waiting for the second."""
+
+    image: object  # PIL image at the session's frame size
+    timestamp: float
+
+    def encode(self) -> str:
+        buf = io.BytesIO()
+        self.image.save(buf, format="PNG")  # lossless: the held frame comes back bit for bit
+        return json.dumps({"timestamp": self.timestamp, "png": base64.b64encode(buf.getvalue()).decode()})
+
+    @classmethod
+    def decode(cls, text: str) -> _Held:
+        from PIL import Image
+
+        d = json.loads(text)
+        image = Image.open(io.BytesIO(base64.b64decode(d["png"])))
+        image.load()
+        return cls(image, float(d["timestamp"]))
+
+
 class StreamSession:
     def __init__(
         self,
@@ -84,13 +117,16 @@ class StreamSession:
         frame_size: tuple[int, int] | None = (448, 448),
         state: InfiniteVLState | None = None,
         max_context: int | None = None,
+        pair_frames: bool = False,
     ):
         self.model = model
         self.processor = processor
         self.chunk_size = chunk_size
         self.frame_size = frame_size
+        self.pair_frames = pair_frames
         self.stats = SessionStats()
         self.segment: _Segment | None = None
+        self.held: _Held | None = None  # pair_frames: the first frame of a pair, not yet in the state
         # max_context: only models with full-attention layers need it (their cache is sized up front)
         self.state = state if state is not None else model.new_state(max_context=max_context)
         if state is None:
@@ -114,8 +150,11 @@ class StreamSession:
     def append_text_steps(self, text: str, chunk_size: int | None = None) -> Generator[None, None, int]:
         """`append_text` one prefill chunk per `next()`, for a caller that runs other work between chunks (the
         server decodes other streams); the generator returns the number of tokens appended."""
-        ids = self._close_segment_ids() + self.processor.tokenize_text(text)
         before = int(self.state.num_tokens[0])
+        if self.held is not None:
+            self.flush_frames()
+            yield
+        ids = self._close_segment_ids() + self.processor.tokenize_text(text)
         steps = prefill_steps(self.model, self.state, torch.tensor([ids]), chunk_size=chunk_size or self.chunk_size)
         while True:
             t0 = time.perf_counter()
@@ -147,15 +186,45 @@ class StreamSession:
         return n
 
     def append_frame(self, frame, timestamp: float) -> int:
-        """One live frame at `timestamp` seconds (non-decreasing within the stream)."""
+        """One live frame at `timestamp` seconds (non-decreasing within the stream). With `pair_frames`, every
+        other call holds its frame and returns 0; the next one appends both."""
         if not math.isfinite(timestamp):
             raise MediaError(f"frame timestamp {timestamp} is not a finite number of seconds")
-        vision = self.processor.encode_frame(frame, timestamp, self.frame_size)
+        if not self.pair_frames:
+            self._check_time(timestamp)
+            vision = self.processor.encode_frame(frame, timestamp, self.frame_size)
+            return self._append_live(vision, timestamp, timestamp, 1)
+        image = self.processor.live_frame(frame, self.frame_size)  # decoded before anything changes
+        self._check_time(timestamp)
+        held = self.held
+        if held is None:
+            self.held = _Held(image, float(timestamp))
+            self.stats.pending_frames = 1
+            return 0
+        if image.size != held.image.size:
+            raise MediaError(f"frame size {image.size} differs from the held frame's {held.image.size}")
+        vision = self.processor.encode_frame_pair([held.image, image], held.timestamp)
+        return self._append_live(vision, held.timestamp, float(timestamp), 2)
+
+    def flush_frames(self) -> int:
+        """pair_frames: append a held frame alone (it fills both slots of its step); returns tokens appended."""
+        held = self.held
+        if held is None:
+            return 0
+        vision = self.processor.encode_frame_pair([held.image], held.timestamp)
+        return self._append_live(vision, held.timestamp, held.timestamp, 1)
+
+    def _check_time(self, timestamp: float) -> None:
+        last = self.held.timestamp if self.held is not None else None
+        if last is None and self.segment is not None:
+            last = self.segment.last_time
+        if last is not None and timestamp < last:
+            raise MediaError(f"frame timestamp {timestamp:.3f} s is earlier than the previous one ({last:.3f} s)")
+
+    def _append_live(self, vision: VisionInput, timestamp: float, last_time: float, frames: int) -> int:
+        """One temporal step of `frames` live frames placed at `timestamp` (its first frame's), the last at
+        `last_time`, continuing the open segment (or opening one)."""
         seg = self.segment
-        if seg is not None and timestamp < seg.last_time:
-            raise MediaError(
-                f"frame timestamp {timestamp:.3f} s is earlier than the previous one ({seg.last_time:.3f} s)"
-            )
         c = self.model.config
         opening = seg is None
         ids = ([c.vision_start_token_id] if opening else []) + [c.video_token_id] * vision.num_tokens
@@ -181,12 +250,13 @@ class StreamSession:
             )
 
         n = self._timed(run)
-        self.segment = _Segment(block_start, first_time, timestamp, t_index)
-        self.stats.frames += 1
+        self.segment = _Segment(block_start, first_time, last_time, t_index)
+        self.held, self.stats.pending_frames = None, 0
+        self.stats.frames += frames
         now = time.perf_counter()
-        self.stats._frame_times = (self.stats._frame_times + [now])[-30:]
+        self.stats._frame_times = (self.stats._frame_times + [now] * frames)[-30:]
         times = self.stats._frame_times
-        if len(times) > 1:
+        if len(times) > 1 and times[-1] > times[0]:
             self.stats.recent_fps = (len(times) - 1) / (times[-1] - times[0])
         return n
 
@@ -227,6 +297,7 @@ class StreamSession:
         t0 = time.perf_counter()
         for image in images:
             self.append_image(image)
+        self.flush_frames()
         ids = self._close_segment_ids() + self.question_ids(message)
         before = self.stats.tokens
         logits = self._prefill(ids)
@@ -255,11 +326,14 @@ class StreamSession:
         return self.state.save(path, extra={**self.metadata(), **(extra or {})})
 
     def metadata(self) -> dict[str, str]:
-        """What a saved session keeps besides its state: the open frame segment and the counters."""
+        """What a saved session keeps besides its state: the open frame segment, the counters, the pairing setting
+        and a held frame (a lossless PNG)."""
         seg = self.segment
         return {
             "segment": "" if seg is None else f"{seg.start},{seg.first_time},{seg.last_time},{seg.last_t}",
             "counters": json.dumps({k: getattr(self.stats, k) for k in COUNTERS}),
+            "pair_frames": "1" if self.pair_frames else "",
+            "held_frame": "" if self.held is None else self.held.encode(),
         }
 
     def apply_metadata(self, meta: dict[str, str]) -> None:
@@ -271,6 +345,10 @@ class StreamSession:
         for k, v in json.loads(meta.get("counters", "{}")).items():
             if k in COUNTERS:
                 setattr(self.stats, k, v)
+        if "pair_frames" in meta:  # saved before the option existed: the session's own setting stays
+            self.pair_frames = meta["pair_frames"] == "1"
+        self.held = _Held.decode(meta["held_frame"]) if meta.get("held_frame") else None
+        self.stats.pending_frames = int(self.held is not None)
         self._refresh()
 
     @classmethod
@@ -286,6 +364,7 @@ class StreamSession:
         return [self.model.config.vision_end_token_id] if self.segment is not None else []
 
     def _append_block(self, vision: VisionInput) -> int:
+        self.flush_frames()  # a held live frame comes before the block
         c = self.model.config
         pad = c.image_token_id if vision.kind == "image" else c.video_token_id
         ids = (

@@ -204,13 +204,38 @@ class Processor:
             frames = frames + [frames[-1]] * (tps - len(frames) % tps)
         stamps = list(timestamps) if timestamps is not None else [i / fps for i in range(len(frames))]
         stamps += [stamps[-1]] * (len(frames) - len(stamps))
-        rows = [self._patches(f, h, w)[0].view(-1, 3, tps, 14 * 14) for f in frames]
-        steps = []
-        for s in range(0, len(frames), tps):
-            slots = [rows[s + j][:, :, j] for j in range(tps)]  # slot j of each row from frame s + j
-            steps.append(torch.stack(slots, dim=2).reshape(rows[s].shape[0], -1))
+        rows = [self._patches(f, h, w)[0] for f in frames]
+        steps = [self._step(rows[s : s + tps]) for s in range(0, len(frames), tps)]
         grid = torch.tensor([[len(frames) // tps, h // 14, w // 14]])
         return VisionInput("video", torch.cat(steps), grid, second_per_grid=tps / fps, timestamps=stamps[::tps])
+
+    def _step(self, rows: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One temporal step from the patch rows of `temporal_patch_size` frames: slot j from frame j."""
+        tps = self.config.vision.temporal_patch_size
+        rows = [r.view(-1, 3, tps, 14 * 14) for r in rows]
+        slots = [rows[j][:, :, j] for j in range(tps)]
+        return torch.stack(slots, dim=2).reshape(rows[0].shape[0], -1)
+
+    def live_frame(self, frame, size: tuple[int, int] | None = None) -> Image.Image:
+        """A live frame decoded and resized to its final (h, w): what `encode_frame_pair` takes, and what a session
+        holds while it waits for the second frame of a pair."""
+        frame = load_image(frame)
+        h, w = size or self.frame_size(frame, VIDEO_MAX_PIXELS)
+        if h % self.factor or w % self.factor:
+            raise MediaError(f"frame size {h}x{w} is not a multiple of {self.factor}")
+        return frame if frame.size == (w, h) else frame.resize((w, h), Image.Resampling.BICUBIC)
+
+    def encode_frame_pair(self, frames: Sequence[Image.Image], timestamp: float) -> VisionInput:
+        """Live frames (from `live_frame`, all one size) as one temporal step, paired exactly as `encode_frames`
+        pairs a video's frames (slot j from frame j; one frame fills both slots, as a video's odd last frame)."""
+        tps = self.config.vision.temporal_patch_size
+        frames = list(frames) + [frames[-1]] * (tps - len(frames))
+        w, h = frames[0].size
+        if any(f.size != (w, h) for f in frames):
+            raise MediaError(f"the frames of a pair differ in size: {[f.size for f in frames]}")
+        step = self._step([self._patches(f, h, w)[0] for f in frames])
+        grid = torch.tensor([[1, h // 14, w // 14]])
+        return VisionInput("video", step, grid, second_per_grid=None, timestamps=[timestamp], live=True)
 
     def encode_stream(
         self,
