@@ -58,8 +58,13 @@ def sink_window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | Non
     return mask
 
 
-def _attend(q, k, v, mask, scale, want_lse):
-    """q [B, H, Tq, D], k/v [B, KV, Tk, D], mask [B, Tq, Tk] -> o [B, H, Tq, D] (and lse [B, H, Tq], fp32)."""
+def _attend(q, k, v, mask, scale, want_lse, own=None):
+    """q [B, H, Tq, D], k/v [B, KV, Tk, D], mask [B, Tq, Tk] -> o [B, H, Tq, D] (and lse [B, H, Tq], fp32).
+
+    The log-sum-exp comes out of the fused SDPA kernel through one extra key per query (a probe): its score is the
+    query's score against its own key `own` [B, Tq, KV, D] (always visible, so the probe's weight is at most one half)
+    and its value is 1 in an extra channel, 0 elsewhere. That channel's output is e^p / (Z + e^p), which gives Z; the
+    other channels are the attention output times Z / (Z + e^p)."""
     B, H, Tq, D = q.shape
     KV = k.shape[1]
     if not want_lse:
@@ -69,15 +74,24 @@ def _attend(q, k, v, mask, scale, want_lse):
             q, k, v, attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=KV != H
         ), None
     G = H // KV
-    s = torch.matmul(q.reshape(B, KV, G * Tq, D).float(), k.float().transpose(-1, -2)).view(B, KV, G, Tq, -1) * scale
-    s = s.masked_fill(~mask[:, None, None], float("-inf"))
-    m = s.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)
-    l = p.sum(-1, keepdim=True)  # noqa: E741
-    o = torch.matmul(p.view(B, KV, G * Tq, -1), v.float()).view(B, KV, G, Tq, D) / l.clamp_min(1e-30)
-    lse = (m + torch.log(l)).view(B, H, Tq)
-    return o.view(B, H, Tq, D).to(q.dtype), lse
+    own_score = (q.view(B, KV, G, Tq, D) * own.permute(0, 2, 1, 3).unsqueeze(2)).sum(-1).view(B, H, Tq, 1)
+    Tk = k.shape[2]
+    q2 = torch.cat([q, own_score], dim=-1)  # [B, H, Tq, D + 1]
+    k2 = q.new_zeros(B, KV, Tk + 1, D + 1)
+    k2[:, :, :Tk, :D] = k
+    k2[:, :, Tk, D] = 1.0  # the probe key: its score is the extra query channel
+    v2 = q.new_zeros(B, KV, Tk + 1, D + 1)
+    v2[:, :, :Tk, :D] = v
+    v2[:, :, Tk, D] = 1.0
+    real = mask.any(-1)  # [B, Tq]: queries with a visible key (own key included)
+    mask2 = torch.cat([mask, real.unsqueeze(-1)], dim=-1)
+    mask2 = mask2 | ~mask2.any(-1, keepdim=True)  # padding queries: finite values, dropped below
+    o2 = F.scaled_dot_product_attention(q2, k2, v2, attn_mask=mask2.unsqueeze(1), scale=scale, enable_gqa=KV != H)
+    share = o2[..., D].float()  # e^p / (Z + e^p), at most 1/2
+    o = (o2[..., :D].float() / (1 - share).unsqueeze(-1)).to(q.dtype)
+    lse = own_score.squeeze(-1).float() * scale + torch.log1p(-share) - torch.log(share)
+    realh = real.unsqueeze(1)
+    return o.masked_fill(~realh.unsqueeze(-1), 0.0), lse.masked_fill(~realh, float("-inf"))
 
 
 def sink_window_attention(
@@ -112,11 +126,18 @@ def sink_window_attention(
         lo = max(lo, min(n_sink, hi)) if window is not None else 0
         idx = torch.cat([torch.arange(min(n_sink, lo), device=q.device), torch.arange(lo, hi, device=q.device)])
         mask = sink_window_mask(block, k_pos[:, idx], window, num_sinks)
-        o, lse = _attend(qh[:, :, qs:qe], kh[:, :, idx], vh[:, :, idx], mask, scale, return_lse)
+        own = _own_keys(k, q_pos[:, qs:qe], k_sorted) if return_lse else None
+        o, lse = _attend(qh[:, :, qs:qe], kh[:, :, idx], vh[:, :, idx], mask, scale, return_lse, own)
         outs.append(o)
         lses.append(lse)
     o = torch.cat(outs, dim=2).transpose(1, 2)
     return (o, torch.cat(lses, dim=2).transpose(1, 2)) if return_lse else o
+
+
+def _own_keys(k: torch.Tensor, q_pos: torch.Tensor, k_sorted: torch.Tensor) -> torch.Tensor:
+    """Each query's own key [B, Tq, KV, D] (the key at its position; any key for padding queries)."""
+    idx = torch.searchsorted(k_sorted, q_pos.clamp(min=0)).clamp(max=k.shape[1] - 1)  # [B, Tq]
+    return torch.gather(k, 1, idx[..., None, None].expand(-1, -1, *k.shape[2:]))
 
 
 # -- the block-sparse pattern ----------------------------------------------------------------------------------------
