@@ -5,7 +5,10 @@ Per Gated DeltaNet layer: the conv tails of q, k and v (the last K - 1 pre-conv 
 their stream positions (-1 = empty). Per stream: the running RoPE index (`next_position`) and the number of tokens
 seen (`num_tokens`, which is also the stream position of the next token). Both are [B] int64 tensors that the model
 updates in place, one entry per stream; `tokens_seen` is the count of a one-stream state as a plain int. Nothing here
-grows with the input; the byte size is fixed at allocation (`nbytes`). Full-attention layers (teacher-style models only) get a cache of a
+grows with the input; the byte size is fixed at allocation (`nbytes`). The v2 variants (docs/variants.md): Online's
+sink layers keep the first `num_sinks` positions plus a ring (`SinkWindowLayerState`, fixed); Offline's block-sparse
+layers keep every key and the mean key of each complete chunk (`BlockSparseLayerState`, allocated for `max_context`
+like full attention, with `bytes_used` growing with the stream). Full-attention layers (teacher-style models only) get a cache of a
 fixed `max_context` and refuse to go past it. A saved state carries a SHA-256 of its tensors; loading a file whose
 tensors do not match it (a damaged file) raises `StateError`.
 
