@@ -63,10 +63,10 @@ def describe(path) -> dict:
         elif isinstance(layer, BlockSparseLayerState):
             # every key is kept: what the tokens seen so far occupy grows with the stream (allocated: `bytes`)
             entry.update(chunk_size=layer.chunk_size, bytes_used=layer.bytes_used(int(state.num_tokens.max())))
-        else:
+        elif not isinstance(layer, AttentionLayerState):
             entry.update(memory=list(layer.memory.shape))
         layers.append(entry)
-    known = ("format", "fingerprint", "windows", "segment", "counters", "checksum")
+    known = ("format", "fingerprint", "windows", "segment", "counters", "checksum", "pair_frames", "held_frame")
     extra = {k: v for k, v in meta.items() if k not in known}
     return {
         "path": str(path),
@@ -81,6 +81,9 @@ def describe(path) -> dict:
         "layers": layers,
         "segment": _segment(meta.get("segment", "")),
         "counters": json.loads(meta["counters"]) if meta.get("counters") else None,
+        "pair_frames": bool(meta.get("pair_frames")),  # live frames two per temporal step
+        # the first frame of a pair, held (not yet in the state) until its partner comes: its timestamp
+        "held_frame": json.loads(meta["held_frame"])["timestamp"] if meta.get("held_frame") else None,
         "extra": {k: _value(v) for k, v in extra.items()},
     }
 
@@ -137,6 +140,9 @@ def run(args) -> int:
     if counters:
         shown = ", ".join(f"{v:.1f} s ingesting" if k == "ingest_seconds" else f"{v} {k}" for k, v in counters.items())
         print(f"  session: {shown}")
+    if info["pair_frames"]:
+        held = info["held_frame"]
+        print(f"  live frames in pairs; {'no frame held' if held is None else f'a frame at {held:g} s held'}")
     for k, v in info["extra"].items():
         print(f"  {k}: {v}")
     return 0
