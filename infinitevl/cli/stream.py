@@ -4,7 +4,10 @@ Frames are sampled at --fps and appended one by one with their timestamps; quest
 --ask "SECONDS:question" are answered from a branch of the state when the stream reaches that time, without
 disturbing it. The progress bar shows frames per second, tokens seen and the (constant) state size. Ctrl-C stops
 the stream after the frame in hand (a second Ctrl-C quits at once): questions not yet reached are skipped, and
---save-state is still written."""
+--save-state is still written. With --realtime, frames come at their timestamps as from a camera; when the model is
+slower than the source, each frame taken is the newest one due (so the frames kept are evenly spaced in stream time)
+and the others are skipped and counted; the bar and the summary say what rate is kept. --pair-frames encodes frames
+two per temporal step, as a video file's frames are (half the tokens and vision-tower work per frame)."""
 
 from __future__ import annotations
 
@@ -59,7 +62,14 @@ def add_parser(sub) -> None:
         help="question to answer when the stream reaches SECONDS (repeatable)",
     )
     p.add_argument("--final", default=None, help="question to answer after the last frame")
-    p.add_argument("--realtime", action="store_true", help="pace frames by their timestamps (a live feed)")
+    p.add_argument(
+        "--realtime",
+        action="store_true",
+        help="pace frames by their timestamps (a live feed); frames the model cannot keep up with are skipped",
+    )
+    p.add_argument(
+        "--pair-frames", action="store_true", help="encode frames in pairs, as a video file's frames (half the cost)"
+    )
     p.add_argument("--loops", type=int, default=1, help="play the source this many times (a longer stream)")
     p.add_argument("--load-state", default=None, help="continue a saved stream")
     p.add_argument(
@@ -126,6 +136,44 @@ def frames(source: Path, fps: float, max_frames: int | None, loops: int):
         offset += last + 1.0 / fps
 
 
+class Paced:
+    """A live source's frames at the rate a slower consumer keeps: each frame is released at its timestamp; when
+    the consumer is late, a frame whose successor is already due is skipped (counted in `skipped`), so the frames
+    taken are the newest available, evenly spaced in stream time. `clock` and `sleep` are injectable (tests)."""
+
+    def __init__(self, frames, clock=time.perf_counter, sleep=time.sleep):
+        self.frames, self.clock, self.sleep = frames, clock, sleep
+        self.kept = self.skipped = 0
+        self.first = self.last = None  # stream time of the first and last frames seen
+
+    def __iter__(self):
+        start, held = self.clock(), None
+        for frame, t in self.frames:
+            self.first = t if self.first is None else self.first
+            self.last = t
+            if held is not None:
+                if t > self.clock() - start:  # nothing newer is due yet: the held frame is taken
+                    self.kept += 1
+                    yield held
+                else:
+                    self.skipped += 1
+            held = (frame, t)
+            delay = t - (self.clock() - start)
+            if delay > 0:
+                self.sleep(delay)
+        if held is not None:
+            self.kept += 1
+            yield held
+
+    def rate(self) -> str:
+        """The rate kept, e.g. 'keeping 0.8 of 2 frames/s (12 skipped)'."""
+        seen = self.kept + self.skipped
+        span = (self.last - self.first) if seen > 1 else 0.0
+        if span <= 0:
+            return f"keeping {self.kept} of {seen} frames"
+        return f"keeping {self.kept / span:.2g} of {(seen - 1) / span:.2g} frames/s ({self.skipped} skipped)"
+
+
 def run(args) -> int:
     source = check_inputs(args)
     schedule = sorted(parse_question(q) for q in args.ask)
@@ -145,14 +193,17 @@ def run(args) -> int:
             args.load_state, engine.model, engine.processor, frame_size=size, chunk_size=args.chunk_size
         )
     else:
-        session = engine.session(frame_size=size)
+        session = engine.session(frame_size=size, pair_frames=args.pair_frames)
+    session.pair_frames = args.pair_frames or session.pair_frames  # a resumed paired stream stays paired
     print(
-        f"streaming {source} at {args.fps:g} frames/s, {args.size}x{args.size} per frame; "
+        f"streaming {source} at {args.fps:g} frames/s, {args.size}x{args.size} per frame"
+        f"{', in pairs' if session.pair_frames else ''}; "
         f"state {mb(session.stats.state_bytes)}",
         file=sys.stderr,
     )
     # a resumed stream continues after its last frame: the new source's clock starts there
-    offset = session.segment.last_time + 1.0 / args.fps if session.segment is not None else 0.0
+    last = session.held.timestamp if session.held is not None else getattr(session.segment, "last_time", None)
+    offset = last + 1.0 / args.fps if last is not None else 0.0
     # the bar's own rate is left out: the postfix has the frames per second of the last frames
     layout = "{n_fmt} frames [{elapsed}{postfix}]" if args.max_frames is None else None
     bar = tqdm(
@@ -166,12 +217,10 @@ def run(args) -> int:
     start_wall = time.perf_counter()
     sizes = set()
     stopped = False
+    source_frames = frames(source, args.fps, args.max_frames, args.loops)
+    paced = Paced(source_frames) if args.realtime else None
     with CtrlC() as ctrl_c:
-        for frame, t in frames(source, args.fps, args.max_frames, args.loops):
-            if args.realtime:
-                delay = t - (time.perf_counter() - start_wall)
-                if delay > 0:
-                    time.sleep(delay)
+        for frame, t in paced if paced is not None else source_frames:
             while schedule and schedule[0][0] <= t and not ctrl_c.pressed:
                 when, question = schedule.pop(0)
                 answer = session.ask(question, sampling)
@@ -182,7 +231,8 @@ def run(args) -> int:
             session.append_frame(frame, offset + t)
             sizes.add(session.stats.state_bytes)
             s = session.stats
-            bar.set_postfix_str(f"{s.recent_fps:.1f} frames/s, {s.tokens} tokens, state {mb(s.state_bytes)}")
+            kept = f", {paced.rate()}" if paced is not None else ""
+            bar.set_postfix_str(f"{s.recent_fps:.1f} frames/s{kept}, {s.tokens} tokens, state {mb(s.state_bytes)}")
             bar.update(1)
             if ctrl_c.pressed:
                 stopped = True
@@ -191,6 +241,7 @@ def run(args) -> int:
         if stopped:
             print(f"stopped by Ctrl-C after {plural(session.stats.frames, 'frame')}", file=sys.stderr, flush=True)
         else:
+            session.flush_frames()  # --pair-frames: an odd last frame goes in alone
             for when, question in schedule + ([(None, args.final)] if args.final else []):
                 answer = session.ask(question, sampling)
                 label = "end" if when is None else f"{when:.2f}s"
@@ -201,6 +252,7 @@ def run(args) -> int:
             f"done: {plural(s.frames, 'frame')}, {plural(s.tokens, 'token')} in {wall:.1f} s "
             f"({s.frames / max(wall, 1e-9):.2f} frames/s overall, {s.tokens_per_second:.0f} tokens/s of prefill); "
             f"state size {mb(s.state_bytes)}, {'constant' if len(sizes) <= 1 else 'CHANGED'} throughout"
+            + (f"; realtime: {paced.rate()}" if paced is not None else "")
         )
         if args.verbose:
             print(memory_text(s.state_bytes), file=sys.stderr)

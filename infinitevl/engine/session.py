@@ -329,12 +329,14 @@ class StreamSession:
         """What a saved session keeps besides its state: the open frame segment, the counters, the pairing setting
         and a held frame (a lossless PNG)."""
         seg = self.segment
-        return {
-            "segment": "" if seg is None else f"{seg.start},{seg.first_time},{seg.last_time},{seg.last_t}",
-            "counters": json.dumps({k: getattr(self.stats, k) for k in COUNTERS}),
-            "pair_frames": "1" if self.pair_frames else "",
-            "held_frame": "" if self.held is None else self.held.encode(),
-        }
+        return (
+            {
+                "segment": "" if seg is None else f"{seg.start},{seg.first_time},{seg.last_time},{seg.last_t}",
+                "counters": json.dumps({k: getattr(self.stats, k) for k in COUNTERS}),
+            }
+            | ({"pair_frames": "1"} if self.pair_frames else {})
+            | ({"held_frame": self.held.encode()} if self.held else {})
+        )
 
     def apply_metadata(self, meta: dict[str, str]) -> None:
         """Set the segment and counters from `metadata()` output (e.g. read back from a file)."""
@@ -345,8 +347,8 @@ class StreamSession:
         for k, v in json.loads(meta.get("counters", "{}")).items():
             if k in COUNTERS:
                 setattr(self.stats, k, v)
-        if "pair_frames" in meta:  # saved before the option existed: the session's own setting stays
-            self.pair_frames = meta["pair_frames"] == "1"
+        if meta.get("pair_frames"):  # a paired stream stays paired (an unpaired file keeps the session's setting)
+            self.pair_frames = True
         self.held = _Held.decode(meta["held_frame"]) if meta.get("held_frame") else None
         self.stats.pending_frames = int(self.held is not None)
         self._refresh()
