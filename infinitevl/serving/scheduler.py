@@ -45,7 +45,7 @@ from .sampling import ChoiceState, Event, Generation
 log = logging.getLogger("infinitevl.serving")
 SHUTTING_DOWN = "the server is shutting down"
 WORKER_DEAD = "the model worker has stopped; the server must be restarted (see its log)"
-MAX_UNREAD = 64  # events a streaming client may leave unread before its answer is paused
+MAX_UNREAD = 64  # events per choice a streaming client may leave unread before its answer is paused
 
 
 def rows(state: InfiniteVLState, start: int, stop: int) -> InfiniteVLState:
@@ -364,10 +364,10 @@ class Scheduler:
         now = time.monotonic()
         run = 0
         for i, choice in enumerate(self._active):
-            unread = choice.gen.handle.unread
-            if choice.paused_since is None and unread > MAX_UNREAD:
+            unread, limit = choice.gen.handle.unread, MAX_UNREAD * choice.gen.n  # every choice posts its events
+            if choice.paused_since is None and unread > limit:
                 choice.paused_since = now
-            elif choice.paused_since is not None and unread <= MAX_UNREAD // 2:
+            elif choice.paused_since is not None and unread <= limit // 2:
                 choice.paused_since = None
             if choice.paused_since is not None and now - choice.paused_since > self.stall_timeout:
                 self._fail_generation(choice.gen, APIError(408, STALLED.format(self.stall_timeout), code="stalled"))
