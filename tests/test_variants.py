@@ -274,6 +274,10 @@ def test_state_report_shows_the_kinds_and_growing_offline_memory(tmp_path):
             assert layer["kind"] == ("sink_attention" if kind == SINK else "block_sparse_attention")
             sizes.append((info["bytes"], layer.get("bytes_used")))
     (sink20, _), (sink60, _), (sparse20, used20), (sparse60, used60) = sizes
+    _, plain = logits_in_pieces(tiny_model(), torch.randint(0, 300, (1, 30)), [30])  # v1's layers still described
+    info = describe(plain.save(tmp_path / "plain.safetensors"))
+    assert {layer["kind"] for layer in info["layers"]} == {"attention", "gated_deltanet"}
+    assert "variants" not in info["extra"]
     assert sink20 == sink60  # Online: fixed
     assert sparse20 == sparse60 and used20 < used60  # Offline: allocated up front, used grows with the stream
 

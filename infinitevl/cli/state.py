@@ -66,7 +66,17 @@ def describe(path) -> dict:
         elif not isinstance(layer, AttentionLayerState):
             entry.update(memory=list(layer.memory.shape))
         layers.append(entry)
-    known = ("format", "fingerprint", "windows", "segment", "counters", "checksum", "pair_frames", "held_frame")
+    known = (
+        "format",
+        "fingerprint",
+        "windows",
+        "variants",
+        "segment",
+        "counters",
+        "checksum",
+        "pair_frames",
+        "held_frame",
+    )
     extra = {k: v for k, v in meta.items() if k not in known}
     return {
         "path": str(path),
