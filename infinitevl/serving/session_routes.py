@@ -56,14 +56,24 @@ def check_video_end(video, offset: float | None) -> None:
 def install_session_routes(app: FastAPI, ctx) -> None:
     engine, config, sessions, scheduler = ctx.engine, ctx.config, ctx.sessions, ctx.scheduler
 
-    def appended(session_id: str, result: tuple[int, int]) -> dict:
+    def appended(session_id: str, result: tuple[int, int], dropped: int = 0) -> dict:
         frames, tokens = result
         return {
             "session_id": session_id,
             "frames_appended": frames,
             "tokens_appended": tokens,
+            "frames_dropped": dropped,
             "session": sessions.info(session_id),
         }
+
+    async def live_frames(session_id: str, frames: list, request: Request) -> dict:
+        """Frames appended in their turn; a realtime session's waiting frames give way to a newer upload."""
+        ticket = sessions.arrive(session_id, len(frames))
+        try:
+            result = await run_task(scheduler, lambda: sessions.append_frames(session_id, frames, ticket), request)
+        finally:
+            sessions.leave(session_id, ticket)
+        return appended(session_id, result, len(frames) if ticket is not None and ticket.dropped else 0)
 
     @app.post("/v1/sessions", response_model=SessionInfo, responses=ERRORS, tags=TAGS)
     async def create_session(body: SessionCreate | None = None) -> dict:
@@ -71,7 +81,9 @@ def install_session_routes(app: FastAPI, ctx) -> None:
         body = body or SessionCreate()
         if body.system_prompt:
             await run_in_threadpool(ctx.budget.check, [body.system_prompt], engine.processor, "system_prompt")
-        session_id = await scheduler.run(lambda: sessions.create(body.system_prompt, body.frame_size))
+        session_id = await scheduler.run(
+            lambda: sessions.create(body.system_prompt, body.frame_size, body.pair_frames, body.realtime)
+        )
         return sessions.info(session_id)
 
     @app.get("/v1/sessions", response_model=SessionList, responses=ERRORS, tags=TAGS)
@@ -99,7 +111,7 @@ def install_session_routes(app: FastAPI, ctx) -> None:
                     (ctx.media.image(f.image_url.url, f"frames[{i}]"), f.timestamp) for i, f in enumerate(body.frames)
                 ]
             )
-            job = lambda: sessions.append_frames(session_id, frames)
+            return await live_frames(session_id, frames, request)
         else:
             video = await run_in_threadpool(ctx.media.video, body.video_url.url, body.fps, "video_url")
             check_video_end(video, body.timestamp_offset)
@@ -134,7 +146,7 @@ def install_session_routes(app: FastAPI, ctx) -> None:
             if timestamp is None:
                 raise APIError(400, "an image upload needs ?timestamp=SECONDS", param="timestamp")
             image = await run_in_threadpool(ctx.media.image_from, data, "body")
-            job = lambda: sessions.append_frames(session_id, [(image, timestamp)])
+            return await live_frames(session_id, [(image, timestamp)], request)
         elif kind.startswith("video/"):
             video = await run_in_threadpool(ctx.media.video_from, data, fps, "body")
             check_video_end(video, timestamp_offset)

@@ -24,6 +24,16 @@ def check_frame_size(size: int | None) -> None:
 class SessionCreate(Body):
     system_prompt: str | None = Field(DEFAULT_SYSTEM, description="null or empty: no system turn")
     frame_size: int | None = Field(None, description="side of live frames in pixels, a multiple of 28")
+    pair_frames: bool = Field(
+        False,
+        description="encode live frames two per temporal step, as a video file's frames (half the tokens and "
+        "vision work per frame); the first frame of a pair waits (pending_frames) until the second comes",
+    )
+    realtime: bool = Field(
+        False,
+        description="keep up with a live source: a frame upload that arrives while an earlier one still waits for "
+        "this session replaces it (the replaced request gets frames_appended 0; counted in frames_dropped)",
+    )
 
     @model_validator(mode="after")
     def _check_size(self):
@@ -96,8 +106,12 @@ class SessionInfo(BaseModel):
     loaded: bool = Field(description="in memory (false: on disk until its next use)")
     system_prompt: str | None
     frame_size: int
+    pair_frames: bool = False
+    realtime: bool = False
     tokens: int
     frames: int
+    pending_frames: int = Field(0, description="pair_frames: a first frame held for its pair, not yet in the state")
+    frames_dropped: int = Field(0, description="realtime: frames replaced by newer ones before their turn")
     images: int = Field(description="frames given as images")
     videos: int = Field(description="video chunks appended")
     questions: int
@@ -117,6 +131,7 @@ class AppendResult(BaseModel):
     session_id: str
     frames_appended: int
     tokens_appended: int
+    frames_dropped: int = Field(0, description="realtime: this request's frames, replaced by a newer upload")
     session: SessionInfo
 
 

@@ -64,6 +64,15 @@ class Snapshot:
     counters: dict
     state: InfiniteVLState | None = None  # kept in memory when there is no state directory
     segment: object = None
+    held: object = None  # pair_frames: a held first frame (in memory; on disk it is in the state file)
+
+
+@dataclass
+class FrameTicket:
+    """realtime sessions: a frame upload waiting for its turn; a newer upload drops it."""
+
+    frames: int
+    dropped: bool = False
 
 
 @dataclass
@@ -74,6 +83,10 @@ class ServedSession:
     frame_size: int
     last_used: float
     stream: StreamSession | None = None  # None: on disk until its next use
+    pair_frames: bool = False  # live frames two per temporal step
+    realtime: bool = False  # a newer frame upload replaces one still waiting
+    frames_dropped: int = 0  # realtime: frames replaced before their turn (since the server started)
+    waiting: FrameTicket | None = None  # realtime: the frame upload waiting for its turn
     counters: dict = field(default_factory=dict)  # as of the last write (for unloaded sessions)
     snapshots: list[Snapshot] = field(default_factory=list)
     dirty: bool = False  # changed since the last write
@@ -118,6 +131,7 @@ class SessionRegistry:
         stream = s.stream
         if stream is not None:
             counters = {**stream.stats.as_dict(), "fps": stream.stats.recent_fps}
+            counters["pending_frames"] = stream.stats.pending_frames
         else:
             if self.shared and s.damage is None:  # another replica may have changed it since
                 with contextlib.suppress(OSError, Damaged, ValueError):  # damage is found when it is loaded
@@ -132,12 +146,17 @@ class SessionRegistry:
             "loaded": stream is not None,
             "system_prompt": s.system_prompt,
             "frame_size": s.frame_size,
-            **{k: counters.get(k, 0) for k in (*COUNTERS, "fps", "tokens_per_second")},
+            "pair_frames": s.pair_frames,
+            "realtime": s.realtime,
+            "frames_dropped": s.frames_dropped,
+            **{k: counters.get(k, 0) for k in (*COUNTERS, "fps", "tokens_per_second", "pending_frames")},
             "snapshots": [self._snapshot_info(s, snap) for snap in s.snapshots],
         }
 
     # -- changing (worker thread) ----------------------------------------------------------------------------------
-    def create(self, system_prompt: str | None, frame_size: int | None) -> str:
+    def create(
+        self, system_prompt: str | None, frame_size: int | None, pair_frames: bool = False, realtime: bool = False
+    ) -> str:
         count = len(self.store.session_ids()) if self.shared else len(self._sessions)
         if count >= self.config.max_sessions:
             raise APIError(
@@ -149,7 +168,8 @@ class SessionRegistry:
         size = frame_size or self.config.frame_size
         now = time.time()
         s = ServedSession("sess_" + secrets.token_hex(12), now, system_prompt or None, size, now)
-        s.stream = self._new_stream(system_prompt or None, size)
+        s.pair_frames, s.realtime = pair_frames, realtime
+        s.stream = self._new_stream(system_prompt or None, size, pair_frames)
         if self.store is not None:
             if self.shared:
                 s.lock = self.store.lock_session(s.id)
@@ -163,8 +183,36 @@ class SessionRegistry:
             self._sessions[s.id] = s
         return s.id
 
-    def append_frames(self, session_id: str, frames: list[tuple[Image.Image, float]]) -> Generator:
-        """Live frames with their timestamps, all or nothing, one frame per step. Returns (frames, tokens)."""
+    def arrive(self, session_id: str, frames: int) -> FrameTicket | None:
+        """realtime sessions: a frame upload takes the waiting place; the one waiting there is dropped."""
+        s = self._get(session_id)
+        if not s.realtime:
+            return None
+        ticket = FrameTicket(frames)
+        with self._lock:
+            if s.waiting is not None:
+                s.waiting.dropped = True
+                s.frames_dropped += s.waiting.frames
+            s.waiting = ticket
+        return ticket
+
+    def leave(self, session_id: str, ticket: FrameTicket | None) -> None:
+        """The upload is done (or withdrawn): it no longer waits."""
+        with self._lock:
+            s = self._sessions.get(session_id)
+            if s is not None and s.waiting is ticket:
+                s.waiting = None
+
+    def append_frames(
+        self, session_id: str, frames: list[tuple[Image.Image, float]], ticket: FrameTicket | None = None
+    ) -> Generator:
+        """Live frames with their timestamps, all or nothing, one frame per step. Returns (frames, tokens); (0, 0)
+        for a realtime upload a newer one replaced while it waited (the session is not touched)."""
+        if ticket is not None:
+            with self._lock:
+                if ticket.dropped:
+                    return 0, 0
+                self._sessions[session_id].waiting = None  # its turn: a newer upload now waits behind it
 
         def run(stream: StreamSession):
             n = 0
@@ -216,7 +264,7 @@ class SessionRegistry:
         stream = self._load(s)
         snap = Snapshot("snap_" + secrets.token_hex(8), time.time(), self._counters(s))
         if self.store is None:
-            snap.state, snap.segment = stream.state.clone(), copy.copy(stream.segment)
+            snap.state, snap.segment, snap.held = stream.state.clone(), copy.copy(stream.segment), stream.held
         else:
             self.store.write_snapshot(s.id, snap.id, stream)
         s.snapshots.append(snap)
@@ -238,7 +286,8 @@ class SessionRegistry:
         if snap.state is not None:
             stream = self._load(s)
             stream.state.copy_(snap.state)
-            stream.segment = copy.copy(snap.segment)
+            stream.segment, stream.held = copy.copy(snap.segment), snap.held
+            stream.stats.pending_frames = int(snap.held is not None)
         else:
             self._own(s)
             try:  # loaded first, swapped after
@@ -348,6 +397,7 @@ class SessionRegistry:
             if meta["format"] == SIDECAR_FORMAT and "checksum" not in json.loads(store.sidecar_path(sid).read_text()):
                 raise Damaged(f"{sid}.json has lost its checksum")
             s = ServedSession(sid, meta["created"], meta["system_prompt"], meta["frame_size"], meta["last_used"])
+            s.pair_frames, s.realtime = bool(meta.get("pair_frames")), bool(meta.get("realtime"))
             s.snapshots = [Snapshot(x["id"], x["created"], x["counters"]) for x in meta["snapshots"]]
         except (Damaged, KeyError, TypeError) as err:
             if not store.sidecar_path(sid).exists() and not store.journal_bytes(sid) and not _acked(store, sid):
@@ -385,7 +435,7 @@ class SessionRegistry:
         if self._backup is None:
             self._backup = self.engine.model.new_state(1)
         self._backup.copy_(stream.state)
-        segment, stats = copy.copy(stream.segment), copy.deepcopy(stream.stats)
+        segment, stats, held = copy.copy(stream.segment), copy.deepcopy(stream.stats), stream.held
         try:
             result = change(stream)
             if inspect.isgenerator(result):
@@ -397,7 +447,7 @@ class SessionRegistry:
                 raise
         except BaseException as err:
             stream.state.copy_(self._backup)
-            stream.segment, stream.stats = segment, stats
+            stream.segment, stream.stats, stream.held = segment, stats, held
             if isinstance(err, MediaError):
                 raise APIError(400, str(err), code="invalid_media") from err
             if isinstance(err, OSError):
@@ -465,6 +515,7 @@ class SessionRegistry:
                 self._sessions.pop(s.id, None)
             raise APIError(404, f"no session {s.id!r}", code="session_not_found")
         s.system_prompt, s.frame_size, s.snapshots = fresh.system_prompt, fresh.frame_size, fresh.snapshots
+        s.pair_frames, s.realtime = fresh.pair_frames, fresh.realtime
         s.counters, s.damage, s.stream, s.fold = fresh.counters, fresh.damage, None, False
 
     def _unload(self, s: ServedSession) -> None:
@@ -480,12 +531,14 @@ class SessionRegistry:
 
         def restore(path):
             size = (s.frame_size, s.frame_size)
-            return StreamSession.restore(path, e.model, e.processor, frame_size=size, chunk_size=e.chunk_size)
+            return StreamSession.restore(
+                path, e.model, e.processor, frame_size=size, chunk_size=e.chunk_size, pair_frames=s.pair_frames
+            )
 
         return restore
 
-    def _new_stream(self, system_prompt: str | None, size: int) -> StreamSession:
-        return self.engine.session(system_prompt, frame_size=(size, size))
+    def _new_stream(self, system_prompt: str | None, size: int, pair_frames: bool = False) -> StreamSession:
+        return self.engine.session(system_prompt, frame_size=(size, size), pair_frames=pair_frames)
 
     @staticmethod
     def _apply_counters(stream: StreamSession, counters: dict) -> None:
@@ -497,11 +550,17 @@ class SessionRegistry:
 
     def _counters_of(self, stream: StreamSession) -> dict:
         stats = stream.stats.as_dict()
-        return {k: stats[k] for k in COUNTERS}
+        return {**{k: stats[k] for k in COUNTERS}, "pending_frames": stats["pending_frames"]}
 
     def _stored_counters(self, meta: dict) -> dict:
         counters = json.loads(meta.get("counters", "{}"))
-        return {**counters, "tokens": int(meta.get("tokens", 0)), "state_bytes": self._state_nbytes}
+        held = int(bool(meta.get("held_frame")))  # pair_frames: a first frame waiting for its pair
+        return {
+            **counters,
+            "tokens": int(meta.get("tokens", 0)),
+            "state_bytes": self._state_nbytes,
+            "pending_frames": held,
+        }
 
     def _counters(self, s: ServedSession) -> dict:
         return dict(s.counters) if s.stream is None else self._counters_of(s.stream)
@@ -535,6 +594,8 @@ class SessionRegistry:
                 "last_used": s.last_used,
                 "system_prompt": s.system_prompt,
                 "frame_size": s.frame_size,
+                "pair_frames": s.pair_frames,
+                "realtime": s.realtime,
                 "snapshots": [{"id": x.id, "created": x.created, "counters": x.counters} for x in s.snapshots],
             },
         )
