@@ -84,7 +84,8 @@ async function openSession(id) {
   chart.reset();
   stateSeen.clear();
   show(info);
-  $("session-id").textContent = `Session ${info.id}, frames at ${info.frame_size} px, opened ${new Date(
+  const paired = info.pair_frames ? " in pairs" : "";
+  $("session-id").textContent = `Session ${info.id}, frames at ${info.frame_size} px${paired}, opened ${new Date(
     info.created * 1000,
   ).toLocaleString()}`;
   return info;
@@ -92,7 +93,8 @@ async function openSession(id) {
 
 async function newSession() {
   const size = Number($("frame-size").value);
-  const info = await exclusive(() => api.json("POST", "/v1/sessions", { json: { frame_size: size } }));
+  const body = { frame_size: size, pair_frames: $("pair-frames").checked };
+  const info = await exclusive(() => api.json("POST", "/v1/sessions", { json: body }));
   await openSession(info.id);
   say(`opened a new session ${info.id} (frames at ${size} px)`);
   await listSessions();
