@@ -132,7 +132,7 @@ def frame_positions(start: int, first_time: float, timestamp: float, lh: int, lw
 def stream_baseline(baseline, model, processor, frames, size, p, deadline: float, progress) -> dict[str, Any]:
     config = model.config
     cache = baseline.new_cache()
-    prompt = processor.tokenize(f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n")
+    prompt = processor.turns.opening(processor, DEFAULT_SYSTEM)
     baseline.prefill(cache, input_ids=torch.tensor([prompt]))
     position, block_start, first_time = len(prompt), None, 0.0
     layers = config.text.num_hidden_layers

@@ -129,12 +129,8 @@ class StreamSession:
         self.held: _Held | None = None  # pair_frames: the first frame of a pair, not yet in the state
         # max_context: only models with full-attention layers need it (their cache is sized up front)
         self.state = state if state is not None else model.new_state(max_context=max_context)
-        if state is None:
-            ids = []
-            if system_prompt:
-                tok = processor.tokenize
-                ids = tok("<|im_start|>system\n") + processor.tokenize_text(system_prompt) + tok("<|im_end|>\n")
-            self._feed_ids(ids + processor.tokenize("<|im_start|>user\n"))
+        if state is None:  # turns are written as the checkpoint's chat template writes them (Processor.turns)
+            self._feed_ids(processor.turns.opening(processor, system_prompt))
         self._refresh()
 
     # -- appending ---------------------------------------------------------------------------------------------------
@@ -312,13 +308,13 @@ class StreamSession:
         try:
             yield from stream_text(timed(gen, speed), self.processor)
         finally:  # commit the answer: its unfed tokens, the end of the turn, and the next user turn
-            self._feed_ids(gen.unfed + self.processor.tokenize("<|im_end|>\n<|im_start|>user\n"))
+            self._feed_ids(gen.unfed + self.processor.turns.answer_end)
             self.stats.questions += 1
             self._refresh()
 
     def question_ids(self, text: str) -> list[int]:
         """A user message (plain text) that ends the open user turn and opens the assistant's."""
-        return self.processor.tokenize_text(text) + self.processor.tokenize("<|im_end|>\n<|im_start|>assistant\n")
+        return self.processor.tokenize_text(text) + self.processor.turns.question_end
 
     # -- snapshots ---------------------------------------------------------------------------------------------------
     def save(self, path: str | Path, extra: dict[str, str] | None = None) -> Path:

@@ -87,6 +87,36 @@ def smart_resize(
     return qwen2_vl_smart_resize(height, width, factor, min_pixels, max_pixels)
 
 
+@dataclass
+class ChatTurns:
+    """The chat template's markup around turns, as token ids, for conversations built a turn at a time (streaming
+    sessions): read off the template by rendering a system, user, assistant, user conversation, so a session writes
+    exactly what a chat request or a training sample of the same turns holds."""
+
+    template: str | None
+    system_open: list[int]  # before the system prompt's text
+    system_to_user: list[int]  # after it: closes the system turn and opens the first user turn
+    user_open: list[int]  # the conversation's start without a system prompt, through the user turn's opening
+    question_end: list[int]  # after a user text: closes the turn and opens the assistant's (the generation prompt)
+    answer_end: list[int]  # after an answer: closes the assistant turn and opens the next user turn
+
+    @classmethod
+    def of(cls, processor: Processor) -> ChatTurns:
+        roles = ("system", "user", "assistant", "user")
+        spans = processor.chat_spans([{"role": r, "content": ""} for r in roles], add_generation_prompt=True)
+        bounds = [ids for owner, ids in spans if owner == -1]
+        alone = [ids for owner, ids in processor.chat_spans([{"role": "user", "content": ""}]) if owner == -1]
+        if len(bounds) != 5 or len(alone) != 2:
+            raise ValueError("the chat template does not render one span of markup between messages")
+        return cls(processor.tokenizer.chat_template, bounds[0], bounds[1], alone[0], bounds[4], bounds[3])
+
+    def opening(self, processor: Processor, system_prompt: str | None) -> list[int]:
+        """A conversation's start with an open user turn: after the system prompt when there is one."""
+        if not system_prompt:
+            return list(self.user_open)
+        return self.system_open + processor.tokenize_text(system_prompt) + self.system_to_user
+
+
 class Processor:
     def __init__(
         self,
@@ -299,30 +329,59 @@ class Processor:
     def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """The rendered chat as token ids, with one placeholder per image / video: the template's own markup is
         tokenized with its control tokens, every message text as plain text."""
-        texts: list[str] = []
+        return [i for _, ids in self.chat_spans(messages, add_generation_prompt) for i in ids]
 
-        def hole(text: str) -> str:
+    def chat_spans(self, messages: list[dict], add_generation_prompt: bool = True) -> list[tuple[int, list[int]]]:
+        """The chat rendered by the tokenizer's chat template (the one place turns are rendered), as (message index,
+        token ids) spans in order: a message's content (its text and vision placeholders) under its index, the
+        template's markup between and around messages under -1 (one span at each boundary, possibly empty)."""
+        texts: list[str] = []
+        owners: list[int] = []  # per hole: the message it belongs to; begin and end marks are empty texts
+
+        def hole(text: str, owner: int) -> str:
             texts.append(text)
+            owners.append(owner)
             return f"{_HOLE}{len(texts) - 1}{_HOLE}"
 
         holed = []
-        for m in _normalized(messages):
+        for i, m in enumerate(_normalized(messages)):
             content = m["content"]
             if isinstance(content, str):
-                content = hole(content)
-            else:
-                content = [{**c, "text": hole(c["text"])} if c.get("type") == "text" else c for c in content]
-            holed.append({**m, "content": content})
+                content = [{"type": "text", "text": content}]
+            parts = [{**c, "text": hole(c["text"], i)} if c.get("type") == "text" else c for c in content]
+            begin, end = {"type": "text", "text": hole("", i)}, {"type": "text", "text": hole("", i)}
+            holed.append({**m, "content": [begin, *parts, end]})
         rendered = self.tokenizer.apply_chat_template(
             holed, tokenize=False, add_generation_prompt=add_generation_prompt
         )
-        ids: list[int] = []
+        spans: list[tuple[int, list[int]]] = []
+        inside: int | None = None  # the message whose content is being read
+        seen = [0] * len(holed)  # holes read per message: its first is the begin mark, its last the end mark
+        marks = {i: owners.count(i) for i in range(len(holed))}
         for k, piece in enumerate(_HOLES.split(rendered)):
-            if k % 2:
-                ids += self.tokenize_text(texts[int(piece)])
-            elif piece:
-                ids += self.tokenize(piece)
-        return ids
+            if k % 2 == 0:
+                if inside is not None:
+                    spans.append((inside, self.tokenize(piece) if piece else []))
+                else:
+                    spans.append((-1, self.tokenize(piece) if piece else []))
+                continue
+            h = int(piece)
+            owner = owners[h]
+            seen[owner] += 1
+            if seen[owner] == 1:
+                inside = owner
+            elif seen[owner] == marks[owner]:
+                inside = None
+            elif texts[h]:
+                spans.append((owner, self.tokenize_text(texts[h])))
+        return [(owner, ids) for owner, ids in spans if ids or owner == -1]
+
+    @property
+    def turns(self) -> ChatTurns:
+        """The markup between turns as this checkpoint's chat template writes it (sessions build on it)."""
+        if getattr(self, "_turns", None) is None or self._turns.template != self.tokenizer.chat_template:
+            self._turns = ChatTurns.of(self)
+        return self._turns
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

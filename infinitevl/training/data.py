@@ -3,8 +3,9 @@
 A conversation record is {"messages": [{"role", "content"}...], "images": [...], "videos": [...]} with `<image>` /
 `<video>` placeholders in the text, paths relative to the data file (LLaMA-Factory's format; the
 {"conversations": [{"from", "value"}]} spelling is read too). A video is a file, or live frames
-{"frames": [image paths], "interval": seconds} encoded one frame per temporal step as a streaming session does. Each sample is rendered as ChatML, exactly as the chat
-template does, with labels on the assistant turns only (their text and `<|im_end|>`). A plain text file gives one
+{"frames": [image paths], "interval": seconds} encoded one frame per temporal step as a streaming session does. Each sample is rendered by the checkpoint's chat
+template (`Processor.chat_spans`, as chat requests and sessions are), with labels on the assistant turns only (their
+text and the end-of-turn token after it). A plain text file gives one
 sample per line (article), cut into pieces of at most `max_length` tokens, every token a label.
 
 Truncation to `max_length` never cuts a vision block: a block that would straddle the limit is dropped with
@@ -105,34 +106,61 @@ def chat_sample(record: dict, processor: Processor, options: DataOptions, root: 
             f"record has {n_img} <image> / {n_vid} <video> placeholders but lists {len(images)} images "
             f"and {len(videos)} videos"
         )
-    ids: list[int] = []
-    labels: list[int] = []
     enc_images, enc_videos = [], []
     it_img, it_vid = iter(images), iter(videos)
+    rendered = []  # the messages with their placeholders as the chat template's image / video items
     for m in messages:
-        role = ROLES.get(m["role"], m["role"])
-        head = processor.tokenize(f"<|im_start|>{role}\n")
-        body: list[int] = []
+        content: list[dict] = []
         for part in re.split(r"(<image>|<video>)", m["content"]):
             if part == "<image>":
-                v = processor.encode_image(
-                    next(it_img), min_pixels=options.image_min_pixels, max_pixels=options.image_max_pixels
+                enc_images.append(
+                    processor.encode_image(
+                        next(it_img), min_pixels=options.image_min_pixels, max_pixels=options.image_max_pixels
+                    )
                 )
-                enc_images.append(v)
-                body += [c.vision_start_token_id] + [c.image_token_id] * v.num_tokens + [c.vision_end_token_id]
+                content.append({"type": "image"})
             elif part == "<video>":
-                v = _encode_video(next(it_vid), processor, options, root)
-                enc_videos.append(v)
-                body += [c.vision_start_token_id] + [c.video_token_id] * v.num_tokens + [c.vision_end_token_id]
+                enc_videos.append(_encode_video(next(it_vid), processor, options, root))
+                content.append({"type": "video"})
             elif part:
-                body += processor.tokenize(part)
-        end = processor.tokenize("<|im_end|>")
-        newline = processor.tokenize("\n")
-        ids += head + body + end + newline
-        learn = role == "assistant" or not options.answer_only
-        labels += [IGNORE] * len(head) + (body + end if learn else [IGNORE] * (len(body) + len(end)))
-        labels += [IGNORE] * len(newline)
+                content.append({"type": "text", "text": part})
+        rendered.append({"role": ROLES.get(m["role"], m["role"]), "content": content})
+    # turns as the checkpoint's chat template renders them (as a chat request or a session would); learned: a
+    # learned message's content and the markup after it through the end-of-turn token
+    end_of_turn = processor.tokenizer.eos_token_id
+    ids: list[int] = []
+    labels: list[int] = []
+    learning_markup = False
+    for owner, span in processor.chat_spans(rendered, add_generation_prompt=False):
+        if owner >= 0:
+            learn = rendered[owner]["role"] == "assistant" or not options.answer_only
+            ids += span
+            labels += span if learn else [IGNORE] * len(span)
+            learning_markup = learn
+            continue
+        for t in span:
+            ids.append(t)
+            labels.append(t if learning_markup else IGNORE)
+            if t == end_of_turn:
+                learning_markup = False
+        learning_markup = False
+    ids, labels = _expand_vision(ids, labels, enc_images, enc_videos, c)
     return truncate(Sample(ids, labels, enc_images, enc_videos), options.max_length, c)
+
+
+def _expand_vision(ids, labels, images, videos, config) -> tuple[list[int], list[int]]:
+    """Each image / video placeholder repeated for its item's tokens, with its label."""
+    out_ids, out_labels = [], []
+    it_img, it_vid = iter(images), iter(videos)
+    for t, label in zip(ids, labels):
+        n = 1
+        if t == config.image_token_id:
+            n = next(it_img).num_tokens
+        elif t == config.video_token_id:
+            n = next(it_vid).num_tokens
+        out_ids += [t] * n
+        out_labels += [label] * n
+    return out_ids, out_labels
 
 
 def _path(root: Path, p: str) -> Path:
