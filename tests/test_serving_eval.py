@@ -79,4 +79,6 @@ def test_lm_eval_runs_both_local_tasks_against_the_server(tmp_path):
                         scored += 1
                 assert scored == sum(len(s["doc"]["choices"]) for s in samples) > 0
         health = httpx.get(srv.url + "/health").json()
-        assert health["completed"] >= 6 * 4 + 4  # every choice of every question scored, every question answered
+        # every choice of every question scored by the model (the generation task's questions are not the bundled
+        # model's tasks: its fixed reply answers them without the model)
+        assert health["completed"] >= 6 * 4
