@@ -15,15 +15,14 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from test_serving import DATA, serve_process
+from test_serving import DATA, serve_process, varied_model
 
-from infinitevl.config import InfiniteVLConfig
-from infinitevl.defaults import BUNDLED
+from infinitevl.config import tiny_config
 
 pytestmark = pytest.mark.serial  # measures time: runs alone
 
 # every answer runs to max_tokens: the end-of-turn tokens are forbidden
-NO_EOS = {str(i): -100 for i in InfiniteVLConfig.from_file(BUNDLED).eos_token_ids}
+NO_EOS = {str(i): -100 for i in tiny_config().eos_token_ids}  # the served stand-in's (see `server`)
 
 
 @dataclass
@@ -32,10 +31,12 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server():
-    """`infinitevl serve` of the bundled model in its own process (the client's threads here must not compete with
-    it for the GIL)."""
-    args = ["--served-model-name", "tiny", "--media-root", str(DATA), "--max-batch", "4"]
+def server(tmp_path_factory):
+    """`infinitevl serve` in its own process (the client's threads here must not compete with it for the GIL), of
+    the untrained stand-in: the bundled model answers prompts outside its tasks with a fixed reply without running,
+    which would leave nothing to stream or prefill."""
+    model = varied_model(tmp_path_factory.mktemp("latency") / "tiny")
+    args = ["--model", str(model), "--served-model-name", "tiny", "--media-root", str(DATA), "--max-batch", "4"]
     proc, url, _ = serve_process([*args, "--max-request-tokens", "16384", "--log-level", "info"])
     yield Server(url)
     proc.send_signal(signal.SIGTERM)
