@@ -67,7 +67,8 @@ def test_every_section_writes_json_with_provenance_and_raw_measurements(quick_ru
     for section in [s for s in SECTIONS if s != "ray"]:  # ray starts a cluster: test_serving_ray.py
         record = json.loads((out / f"{section}.json").read_text())
         several = "float32, bfloat16, int8, int4"
-        assert record["dtype"] == (several if section in ("precision", "quality") else "float32")
+        expected = {"precision": several, "quality": several, "stream4b": "bfloat16, int4"}.get(section, "float32")
+        assert record["dtype"] == expected
         assert record["section"] == section and record["plan"] == "quick"
         assert record["command"].startswith("infinitevl bench") and "--quick" in record["command"]
         machine = record["machine"]
@@ -135,6 +136,25 @@ def test_sections_measure_both_models(quick_run):
         stream["infinitevl"]["windows"][w]["tokens"] for w in ("window_full", "late")
     ]
     assert all(len(p["times_s"]) == 2 and p["median_s"] > 0 for p in controlled)
+
+
+def test_real_size_streaming_section(quick_run):
+    """stream4b: every mode x size x pairing streamed, each part and floor measured, pairs half the tokens."""
+    out, markdown = quick_run
+    record = json.loads((out / "stream4b.json").read_text())
+    settings, result = record["settings"], record["result"]
+    runs = {(r["mode"], r["size"], r["paired"]): r for r in result["runs"]}
+    assert set(runs) == {(m, s, p) for m in settings["modes"] for s in settings["sizes"] for p in settings["pairing"]}
+    for (mode, size, paired), run in runs.items():
+        assert run["frames"] == settings["frames"] and run["fps"] > 0
+        assert len(run["state_bytes"]) == 1  # constant over the stream
+        assert all(run["per_frame_s"][k] > 0 for k in ("decode_s", "preprocess_s", "tower_s", "prefill_s"))
+        assert run["floors"]["tower"]["median_s"] > 0 and run["floors"]["prefill"]["median_s"] > 0
+        assert set(run["steps"]["frames"]) == {2 if paired else 1}
+        if paired:
+            assert run["tokens_per_frame"] * 2 == runs[(mode, size, False)]["tokens_per_frame"]
+    assert result["cpu"]["torch_cpu_capability"] and result["kernels"]
+    assert "## Streaming at real size" in markdown.read_text()
 
 
 def test_plots_and_report(quick_run):

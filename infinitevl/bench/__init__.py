@@ -14,6 +14,8 @@ Sections (each a module with a `run(plan, ...)` that returns a JSON-able dict):
     quality    bf16 / int8 / int4 against fp32 on the bundled trained model and the official fixture
     variants   the paper's v2 variants: Offline's block-sparse prefill against dense full attention on the same
                layer, Online's decode latency and state bytes against context (docs/variants.md)
+    stream4b   live frames at real size: the 4b decoder (bf16, int8, int4) with the full tower, 448 and 224, paired
+               or not, per part (decode, preprocess, tower, prefill) against each part's matrix products alone
     ray        the server on Ray Serve: sessions' frames/s on 1 vs 2 replicas, a session's move after a kill, the
                proxy's cost per request (not in the quick plan: it starts a Ray cluster)
 
@@ -32,6 +34,7 @@ SECTIONS = (
     "precision",
     "quality",
     "variants",
+    "stream4b",
     "ray",
 )
 CONFIG_NAMES = ("tiny", "mini", "4b")  # the measured configurations (`configs.py` builds them)

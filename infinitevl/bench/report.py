@@ -981,6 +981,56 @@ def variants_md(record: dict) -> str:
     return text + "\n\n" + _method("variants")
 
 
+def stream4b_md(record: dict) -> str:
+    """Live frames at real size: frames/s and each part per frame, the tower and the prefill beside their floors."""
+    r = record["result"]
+    c = r["cpu"]
+    rows = []
+    for run in r["runs"]:
+        per, floors, step = run["per_frame_s"], run["floors"], 2 if run["paired"] else 1
+        cells = []
+        for part in ("tower", "prefill"):
+            floor = floors[part]["median_s"] / step
+            ratio = f"{per[part + '_s'] / floor:.2f}x" if floor > 0 else "-"
+            cells.append(f"{per[part + '_s'] * 1e3:.1f} ({floor * 1e3:.1f}, {ratio})")
+        constant = "constant" if len(run["state_bytes"]) == 1 else "CHANGED"
+        rows.append(
+            [
+                run["mode"],
+                f"{run['size']}",
+                "pairs" if run["paired"] else "single",
+                f"{run['tokens_per_frame']:g}",
+                f"{run['fps']:.3g}" if run["fps"] else "-",
+                f"{per['decode_s'] * 1e3:.1f}",
+                f"{per['preprocess_s'] * 1e3:.1f}",
+                *cells,
+                f"{fmt_bytes(run['state_bytes'][-1])}, {constant}" if run["state_bytes"] else "-",
+            ]
+        )
+    header = [
+        "decoder",
+        "frame px",
+        "frames per step",
+        "tokens / frame",
+        "frames/s end to end",
+        "decode ms",
+        "preprocess ms",
+        "tower ms (floor ms, ratio)",
+        "prefill ms (floor ms, ratio)",
+        "state",
+    ]
+    text = (
+        f"{r['config'].get('name', '')} configuration, full vision tower, frames from {Path(r['video']).name}; "
+        f"CPU {c['cpu']} ({', '.join(c['flags']) or 'no AVX-512 / AMX flags'}; torch CPU capability "
+        f"{c['torch_cpu_capability']}, oneDNN bf16 {'native' if c['mkldnn_bf16_native'] else 'emulated'}, "
+        f"{c['threads']} threads). Kernels: "
+        + "; ".join(f"{m}: {k}" for m, k in r["kernels"].items())
+        + ". Per frame (a paired step's time halved); the floor is the step's matrix products alone, in the same "
+        "run; target: each part within 1.5x of its floor.\n\n"
+    )
+    return text + _table(header, rows) + "\n\n" + _method("stream4b")
+
+
 SECTION_MD = {
     "machine": ("The limit: this machine", machine_md),
     "decode": ("Decode latency against context", decode_md),
@@ -992,6 +1042,7 @@ SECTION_MD = {
     "quality": ("Precision: quality against fp32", quality_md),
     "ray": ("Ray Serve", ray_md),
     "variants": ("Variants: Online and Offline", variants_md),
+    "stream4b": ("Streaming at real size", stream4b_md),
 }
 
 

@@ -48,6 +48,7 @@ class Plan:
     quality: dict[str, Any] = field(default_factory=dict)
     ray: dict[str, Any] = field(default_factory=lambda: {"skip": True})  # Ray Serve replicas (bench/ray.py)
     variants: dict[str, Any] = field(default_factory=dict)  # Online / Offline (bench/variants.py)
+    stream4b: dict[str, Any] = field(default_factory=lambda: {"skip": True})  # real-size streaming (bench/stream4b.py)
 
     def select(self, configs: list[str] | None) -> Plan:
         """The plan restricted to some configurations (streaming runs only if its config is among them)."""
@@ -63,6 +64,8 @@ class Plan:
             plan.streaming = {**plan.streaming, "skip": True}
         if plan.precision.get("config") not in configs:
             plan.precision = {**plan.precision, "skip": True}
+        if plan.stream4b.get("config") not in configs:
+            plan.stream4b = {**plan.stream4b, "skip": True}
         return plan
 
     def section(self, name: str) -> dict[str, Any]:
@@ -78,7 +81,7 @@ class Plan:
         if name in ("decode", "prefill", "memory", "real"):
             names = getattr(self, f"{name}_configs")
             return {n: getattr(self, name)[n] for n in names}
-        if name in ("precision", "quality", "ray", "variants"):
+        if name in ("precision", "quality", "ray", "variants", "stream4b"):
             return getattr(self, name)
         return self.streaming
 
@@ -211,6 +214,18 @@ def full_plan() -> Plan:
             fixture=str(FIXTURE),
             fixture_group_size=32,
         ),
+        # the 4b configuration with the full tower; not yet run at this size (hours on 2 cores: run it alone)
+        stream4b=dict(
+            config="4b",
+            modes=["bf16", "int8", "int4"],
+            group_size=128,
+            sizes=[448, 224],
+            pairing=[False, True],
+            fps=2.0,
+            frames=200,
+            warmup_frames=4,
+            floor_repeats=3,
+        ),
         # the bundled model; frames of 224x224 (64 tokens each), 4 sessions at once, 1 then 2 replicas
         ray=dict(sessions=4, frames=8, frame_size=224, requests=200, max_batch=8),
         # Offline against dense at the 4B layer's widths (the paper's sizes); Online with 256 sinks + 2048 window
@@ -318,11 +333,31 @@ def quick_plan() -> Plan:
             ),
             online=dict(num_sinks=8, window=32, contexts=[64, 256], prefill_chunk=128, steps=3),
         ),
+        stream4b=dict(
+            config="tiny",
+            modes=["bf16", "int4"],
+            group_size=32,
+            sizes=[56],
+            pairing=[False, True],
+            fps=2.0,
+            frames=4,
+            warmup_frames=2,
+            floor_repeats=2,
+        ),
         # no ray section: it starts a Ray cluster (test_serving_ray.py runs its measurements against one)
         notes=["quick run: tiny sizes that only check that the benchmark code works; its numbers mean nothing"],
         # one thread: tiny ops are dominated by thread wake-ups, ruinously so when another process holds a core
         threads=1,
     )
+
+
+def _dtype(plan: Plan, section: str) -> str:
+    """The precisions a section measures."""
+    if section in ("precision", "quality"):
+        return "float32, bfloat16, int8, int4"
+    if section == "stream4b":
+        return ", ".join(["bfloat16" if m == "bf16" else m for m in plan.stream4b["modes"]])
+    return "float32"
 
 
 def _load(out: Path, section: str) -> dict | None:
@@ -377,6 +412,10 @@ def run_section(name: str, plan: Plan, out: Path, progress) -> dict[str, Any]:
         from . import variants
 
         return variants.run(plan, progress)
+    if name == "stream4b":
+        from . import stream4b
+
+        return stream4b.run(plan, progress, out / "cache" if plan.name == "quick" else CACHE)
     raise ValueError(f"unknown section {name!r}; known: {list(SECTIONS)}")
 
 
@@ -410,7 +449,8 @@ def run(
 
 def _run_sections(plan: Plan, out: Path, sections: list[str], command: str, progress) -> None:
     for name in [s for s in SECTIONS if s in sections]:
-        skip = {"streaming": plan.streaming, "precision": plan.precision, "ray": plan.ray}.get(name, {}).get("skip")
+        skip = {"streaming": plan.streaming, "precision": plan.precision, "ray": plan.ray, "stream4b": plan.stream4b}
+        skip = skip.get(name, {}).get("skip")
         if skip:
             continue
         progress(f"section {name} ({plan.name} plan)")
@@ -422,7 +462,7 @@ def _run_sections(plan: Plan, out: Path, sections: list[str], command: str, prog
             "section": name,
             "command": command,
             "plan": plan.name,
-            "dtype": "float32, bfloat16, int8, int4" if name in ("precision", "quality") else "float32",
+            "dtype": _dtype(plan, name),
             "machine": facts,
             "settings": plan.section(name),
             "notes": plan.notes,
