@@ -61,11 +61,11 @@ def test_paired_frames_over_http_survive_a_restart(model_dir, engine, tmp_path):
 
 @pytest.fixture()
 def slow_frames(monkeypatch):
-    """A model slower than the source: every live frame takes 0.4 s more."""
+    """A model slower than the source: every live frame takes 1 s more."""
     real = StreamSession._append_live
 
     def slow(self, *args, **kwargs):
-        time.sleep(0.4)
+        time.sleep(1.0)
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(StreamSession, "_append_live", slow)
@@ -86,7 +86,7 @@ def test_a_realtime_session_keeps_the_newest_waiting_frame(model_dir, slow_frame
                     results[i] = upload(client, sid, data, i * 0.1)
 
             threads = [threading.Thread(target=send, args=(i,)) for i in range(n)]
-            for th in threads:  # a source faster than the model: a frame every 0.05 s, each taking 0.4 s
+            for th in threads:  # a source faster than the model: a frame every 0.05 s, each taking 1 s
                 th.start()
                 time.sleep(0.05)
             for th in threads:
