@@ -111,11 +111,13 @@ def held_out_stream():
     return processor.prompt(messages, add_generation_prompt=False).model_inputs()
 
 
-# Per-token KL(fp32 || mode) on that stream (153 tokens), measured with the bundled model of 2026-12-01: bf16 1.1e-4,
-# int8 1.6e-4, int4 (groups of 128) 1.6e-3. Top-1 agreement where the next token is text (33 positions): bf16 33/33,
-# int8 and int4 32/33. Where the next token is a video placeholder (120 positions, which the model never learned to
-# predict: its choices there are near-ties) agreement is only 0.79-0.83, so those positions are left out of it.
-BUNDLED_KL = {"bfloat16": 4e-4, "int8": 6e-4, "int4": 4e-3}
+# Per-token KL(fp32 || mode) on that stream (153 tokens; its backgrounds are the package's photographs), measured with
+# the bundled model of 2026-12-01: bf16 1.2e-4, int8 1.9e-4, int4 (groups of 128) 3.8e-3. Top-1 agreement where the
+# next token is text (33 positions): bf16 33/33, int8 32/33, int4 31/33. Where the next token is a video placeholder
+# (120 positions, which the model never learned to predict: its choices there are near-ties) agreement is only
+# 0.79-0.83, so those positions are left out of it.
+BUNDLED_KL = {"bfloat16": 4e-4, "int8": 6e-4, "int4": 6e-3}
+BUNDLED_TOP1 = {"bfloat16": 0.95, "int8": 0.95, "int4": 0.9}  # at most 1, 1 and 3 of the 33 text positions differ
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -130,7 +132,9 @@ def test_bundled_model_agrees_with_fp32(mode, held_out_stream):
     ids = held_out_stream["input_ids"][0]
     predicts_text = torch.cat([ids[1:] != model.config.video_token_id, torch.tensor([True])])
     top1 = (ref.argmax(-1) == got.argmax(-1))[predicts_text].float().mean().item()
-    assert kl < BUNDLED_KL[mode] and top1 > 0.95, f"{mode}: KL {kl:.2e}, top-1 where text follows {top1:.3f}"
+    assert kl < BUNDLED_KL[mode] and top1 > BUNDLED_TOP1[mode], (
+        f"{mode}: KL {kl:.2e}, top-1 where text follows {top1:.3f}"
+    )
     assert ref[-2].argmax() == got[-2].argmax()  # the answer itself
 
 
