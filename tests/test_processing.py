@@ -111,7 +111,7 @@ def test_chat_prompt_expands_placeholders(processor):
 
 def test_unreadable_media_is_named(tmp_path):
     (tmp_path / "x.jpg").write_bytes(b"\xff\xd8 not really")
-    with pytest.raises(MediaError, match="x.jpg: cannot decode image"):
+    with pytest.raises(MediaError, match="x.jpg: not an image file"):
         load_image(tmp_path / "x.jpg")
     with pytest.raises(MediaError, match="no such file"):
         read_video(tmp_path / "none.mp4")

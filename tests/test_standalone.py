@@ -15,9 +15,10 @@ from conftest import ROOT
 def stated_verdicts(readme: str) -> dict[str, tuple[int, int]]:
     """What the README says `make demo` prints, read from its sentence about it."""
     recall = re.search(
-        r"\*\*(\d+) of (\d+)\*\* recall questions right for InfiniteVL, \*\*(\d+) of (\d+)\*\* for SWA-only", readme
+        r"\*\*(\d+) of (\d+)\*\*\s+recall\s+questions\s+right\s+for\s+InfiniteVL,\s+\*\*(\d+) of (\d+)\*\*\s+for\s+SWA-only",
+        readme,
     )
-    reads = re.search(r"\(InfiniteVL (\d+)/(\d+), SWA-only (\d+)/(\d+)\)", readme)
+    reads = re.search(r"\(InfiniteVL\s+(\d+)/(\d+),\s+SWA-only\s+(\d+)/(\d+)\)", readme)
     assert recall and reads, "the README no longer states the demo's verdicts in the sentence this test reads"
     n = [int(x) for x in recall.groups() + reads.groups()]
     return {"recall": (n[0], n[1]), "recall_swa": (n[2], n[3]), "read": (n[4], n[5]), "read_swa": (n[6], n[7])}
