@@ -207,13 +207,13 @@ class Page:
 
 
 def hold_generation(url: str) -> socket.socket:
-    """A streamed chat completion that would run for minutes (the end-of-turn token forbidden), sent on a raw
+    """A streamed chat completion of the task question that would run for minutes (end-of-turn forbidden), on a raw
     socket: closing the socket cancels it."""
     eos = InfiniteVLConfig.from_file(BUNDLED).eos_token_ids
     body = json.dumps(
         {
             "model": "infinitevl",
-            "messages": [{"role": "user", "content": "Count."}],
+            "messages": [{"role": "user", "content": QUESTION}],  # its task: other prompts get the fixed reply at once
             "max_tokens": 20000,
             "stream": True,
             "logit_bias": {str(i): -100 for i in eos},
