@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup browser compiler test lint demo bench bench-quick clean
+.PHONY: setup browser compiler test lint demo bench bench-quick peer clean
 
 # PYTHONWARNINGS: setuptools prints a boxed notice on every editable install about layouts this project does not use
 $(STAMP): pyproject.toml requirements/ci.txt
@@ -57,6 +57,19 @@ bench: $(STAMP)
 # temporary folder; the last line printed is the report's path.
 bench-quick: $(STAMP)
 	$(VENV)/bin/infinitevl bench --quick --out "$$(mktemp -d "$${TMPDIR:-/tmp}/infinitevl-bench-quick.XXXXXX")/bench"
+
+# The optional llama.cpp peer of `infinitevl bench --only precision` (infinitevl/bench/llamacpp.py), compiled from
+# source: llama-cpp-python's default build (-march=native) takes ggml's AMX tile path on CPUs that report AMX, and
+# `tileloadd` traps (SIGILL) in VMs that do not grant the tile state. So: no -march=native, AMX off, AVX2 / AVX-512
+# (with VBMI, VNNI, BF16) on. About 5 minutes on 2 cores; never needed by the tests.
+PEER_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+	-DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+peer: $(STAMP)
+	$(PY) -m pip uninstall --quiet --yes llama-cpp-python  # a build with other flags would otherwise be kept
+	CMAKE_ARGS="$(PEER_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet --no-cache-dir \
+		--no-binary llama-cpp-python llama-cpp-python==0.3.36 gguf==0.19.0
+	$(PY) -c "import llama_cpp as L; print(L.llama_print_system_info().decode())"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -19,8 +19,10 @@ tensor as it is read, so no mode ever holds another's weights. Each worker repor
 
 Modes: fp32 (the reference: MKL, the batched-halves decode GEMV of ops/linear.py), bf16 (F.linear: oneDNN bf16),
 int8 and int4 (weight-only, bf16 activations and everything else in bf16: torch's packed CPU kernels for up to 255
-rows, a dequantized bf16 GEMM beyond). Ratios are against fp32 in the same run. Quantization quality is measured on
-trained weights in the `quality` section: on random weights it means little.
+rows, a dequantized bf16 GEMM beyond). Ratios are against fp32 in the same run. With `make peer` installed, llama.cpp
+runs after them (bench/llamacpp.py): a Transformer of Qwen2.5-VL-3B's text widths and a Qwen3.5-style hybrid at our
+widths, in Q8_0 / Q4_0 beside our int8 / int4. Quantization quality is measured on trained weights in the `quality`
+section: on random weights it means little.
 """
 
 from __future__ import annotations

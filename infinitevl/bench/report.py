@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import SECTIONS, plots
+from .llamacpp_report import llamacpp_md, llamacpp_targets
 from .timing import fmt_bytes, fmt_tokens
 
 K, M = 2**10, 2**20
@@ -257,33 +258,7 @@ def precision_targets(record: dict) -> list[dict]:
                 + f"decode: {int4.get('decode_kernels', 'plain PyTorch ops')}",
             )
         )
-    lcpp = r.get("llamacpp", {})
-    for ours, theirs in (("int4", "Q4_0"), ("int8", "Q8_0")):
-        mine, pts = _measured(record, ours), {p["context"]: p for p in lcpp.get(theirs, {}).get("decode", [])}
-        first = mine["decode"][0] if mine else None
-        if not mine or first["context"] not in pts:
-            continue
-        other = pts[first["context"]]["median_s"]
-        out.append(
-            _target(
-                f"precision: {ours} decode within 1.3x of llama.cpp {theirs} at {fmt_tokens(first['context'])}",
-                first["median_s"] <= 1.3 * other,
-                f"{first['median_s'] / other:.2f}x llama.cpp's time",
-                f"{first['median_s'] * 1e3:.0f} vs {other * 1e3:.0f} ms ({lcpp.get('model', '')}); {cpu}",
-            )
-        )
-        longest = max(p for p in pts if p in {x["context"] for x in mine["decode"]})
-        if longest != first["context"]:
-            a = next(x for x in mine["decode"] if x["context"] == longest)["median_s"]
-            b = pts[longest]["median_s"]
-            out.append(
-                _target(
-                    f"precision: {ours} decode faster than llama.cpp {theirs} at {fmt_tokens(longest)}",
-                    a < b,
-                    f"{b / a:.2f}x faster" if a < b else f"{a / b:.2f}x slower",
-                    f"{a * 1e3:.0f} vs {b * 1e3:.0f} ms",
-                )
-            )
+    out += llamacpp_targets(r.get("llamacpp", {}), r["modes"], cpu, _target)
     return out
 
 
@@ -850,30 +825,6 @@ def precision_md(record: dict) -> str:
     if lcpp:
         text += "\n\n" + llamacpp_md(lcpp, r)
     return text + "\n\n" + _method("precision")
-
-
-def llamacpp_md(lcpp: dict, r: dict) -> str:
-    if lcpp.get("status") != "measured":
-        return f"llama.cpp: {lcpp.get('status', 'not run')}: {lcpp.get('error', '')}"
-    rows = []
-    for kind, ours in (("Q4_0", "int4"), ("Q8_0", "int8")):
-        mine = {p["context"]: p for p in r["modes"].get(ours, {}).get("decode", [])}
-        for p in lcpp.get(kind, {}).get("decode", []):
-            o = mine.get(p["context"])
-            rows.append(
-                [
-                    f"llama.cpp {kind}",
-                    fmt_tokens(p["context"]),
-                    f"{p['median_s'] * 1e3:.1f}",
-                    f"InfiniteVL {ours}: {o['median_s'] * 1e3:.1f}" if o else f"InfiniteVL {ours}: -",
-                    f"{o['median_s'] / p['median_s']:.2f}x" if o else "-",
-                ]
-            )
-    return (
-        f"llama.cpp {lcpp.get('version', '')} on {lcpp.get('model', '')} (random weights, {lcpp.get('threads')} "
-        "threads), in the same run:\n\n"
-        + _table(["engine", "context", "decode ms", "ours ms", "ours / llama.cpp"], rows)
-    )
 
 
 def quality_md(record: dict) -> str:

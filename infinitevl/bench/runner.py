@@ -201,7 +201,14 @@ def full_plan() -> Plan:
             frame=448,
             vision_repeats=2,
             worker_timeout=3600,
-            llamacpp=dict(contexts=[4 * K, 64 * K], types=["Q8_0", "Q4_0"], repeats=5, seconds=1800),
+            # about 8 minutes in all (the GGUF files are written once into the cache, about 2 minutes more)
+            llamacpp=dict(
+                types=["Q8_0", "Q4_0"],
+                models=dict(
+                    qwen2=dict(contexts=[4 * K, 64 * K], repeats=3, seconds=600),
+                    qwen35=dict(contexts=[4 * K, 64 * K, 256 * K], repeats=3, prefill_tokens=4 * K, seconds=900),
+                ),
+            ),
         ),
         quality=dict(
             modes=["fp32", "bf16", "int8", "int4", "int4-bf16-head"],
@@ -312,6 +319,15 @@ def quick_plan() -> Plan:
             frame=56,
             vision_repeats=1,
             worker_timeout=300,
+            # tiny GGUF files, seconds; skipped with a note where llama-cpp-python is not installed (make peer)
+            llamacpp=dict(
+                tiny=True,
+                types=["Q8_0", "Q4_0"],
+                models=dict(
+                    qwen2=dict(contexts=[64, 1 * K], repeats=2, seconds=120),
+                    qwen35=dict(contexts=[64, 1 * K], repeats=2, prefill_tokens=256, seconds=120),
+                ),
+            ),
         ),
         quality=dict(
             modes=["fp32", "bf16", "int8", "int4"],
