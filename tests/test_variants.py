@@ -306,6 +306,24 @@ def test_online_session_runs_100k_tokens_in_constant_state():
     assert sorted(layer.positions[0, ns:].tolist()) == list(range(100_000 - (W - 1), 100_000))
 
 
+# -- gradients (long-sequence fine-tuning trains under these patterns) ----------------------------------------------
+def test_block_sparse_gradients_equal_the_reference_past_the_dense_threshold():
+    """Training an Offline model backpropagates through the chunked top-k path: its gradients equal those of dense
+    attention under the explicit mask (the selection itself is a discrete choice, the same in both)."""
+    gen = torch.Generator().manual_seed(5)
+    T = 61  # past the dense threshold (16), with chunks selected beyond the local span
+    q, k, v = (torch.randn(1, T, n, 8, generator=gen, dtype=torch.float64) for n in (4, 2, 2))
+    pos = torch.arange(T).unsqueeze(0)
+    grads = []
+    for op in (block_sparse_attention, block_sparse_attention_reference):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        weight = torch.randn(1, T, 4, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+        (op(*leaves, pos, pos, PATTERN) * weight).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for mine, ref in zip(*grads):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)  # the chunked path computes in fp32
+
+
 # -- conversion and long-sequence training ----------------------------------------------------------------------------
 def test_convert_base_to_variants_and_train_one_under_its_mask(tmp_path):
     """`infinitevl convert --variant` changes only config.json; `sft-long` then trains the variant (its own mask:

@@ -24,7 +24,11 @@ def add_parser(sub) -> None:
         default=None,
         help="folder of photographs (*.jpg) for the backgrounds (default: the ones the package ships)",
     )
-    p.add_argument("--readme", default=None, help="page whose miniature block to rewrite (docs/miniature.md; its figure goes to docs/miniature/)")
+    p.add_argument(
+        "--readme",
+        default=None,
+        help="page whose miniature block to rewrite (docs/miniature.md; its figure goes to docs/miniature/)",
+    )
     p.add_argument(
         "--install",
         default=None,
@@ -32,6 +36,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--tasks", default="recall,copy", help="comma-separated tasks to train and compare: recall, copy")
     p.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke test)")
+    p.add_argument(
+        "--v2",
+        action="store_true",
+        help="the paper's v2 models instead: InfiniteVL-Base, -Online and -Offline against v1's SWA hybrid "
+        "(--readme: the page with the miniature-v2 block, docs/variants.md)",
+    )
     p.set_defaults(func=run)
 
 
@@ -43,18 +53,24 @@ def run(args) -> int:
     if unknown or not tasks:
         raise CliError(f"--tasks: unknown {', '.join(unknown) or 'empty'} (choose among {', '.join(TASKS)})")
     from ..tasks.miniature import Budget
-    from ..tasks.miniature import run as run_pipeline
 
     budget = Budget.quick() if args.quick else Budget()
-    report = run_pipeline(
-        args.out,
-        budget,
+    common = dict(
         media=Path(args.media) if args.media else None,
         readme=Path(args.readme) if args.readme else None,
-        install=Path(args.install) if args.install else None,
         command="infinitevl " + " ".join(sys.argv[1:]),
         tasks=tasks,
     )
+    if args.v2:
+        if args.install:
+            raise CliError("--install goes with the v1 models only (the v2 run installs nothing)")
+        from ..tasks.miniature_v2 import run as run_v2
+
+        report = run_v2(args.out, budget, **common)
+    else:
+        from ..tasks.miniature import run as run_pipeline
+
+        report = run_pipeline(args.out, budget, install=Path(args.install) if args.install else None, **common)
     for name, s in report.summary.items():
         parts = []
         if "overall" in s:

@@ -357,7 +357,10 @@ def _attend_chunks(q, q_pos, local_tokens, kc, vc, pairs, acc, scale: float, pai
         qi = qi.view(-1)
         m = s.amax(-1).view(S * width, G)
         M2 = torch.full((len(acc.M) + 1, G), -1e30, device=dev).scatter_reduce_(0, qi[:, None].expand_as(m), m, "amax")
-        p = torch.exp(s.view(S * width, G, C).sub_(M2[qi].unsqueeze(-1)))
+        shifted = s.view(S * width, G, C)
+        # in place when nothing is trained (amax's backward needs `s` as it was)
+        shifted = shifted - M2[qi].unsqueeze(-1) if s.requires_grad else shifted.sub_(M2[qi].unsqueeze(-1))
+        p = torch.exp(shifted)
         o = torch.matmul(p.view(S, width * G, C), values).view(S * width, G, D)
         L2 = torch.zeros_like(M2).index_add_(0, qi, p.sum(-1))[:-1]
         O2 = torch.zeros(len(M2), G, D, device=dev).index_add_(0, qi, o)[:-1]

@@ -12,6 +12,7 @@ import random
 import time
 from pathlib import Path
 
+from ..config import FULL, SPARSE
 from . import digit_copy
 from .digit_recall import FRAME, INTERVAL, QUESTION, FrameMaker, probe_stream
 
@@ -54,6 +55,8 @@ def evaluate_model(
     model = InfiniteVLForConditionalGeneration.from_pretrained(folder)
     processor = Processor.from_pretrained(folder, model.config)
     size, per_frame = ((FRAME, FRAME), 1) if task == "recall" else (digit_copy.SIZE, digit_copy.CELLS)
+    # full-attention and block-sparse layers keep every key: their cache is sized for the stream up front
+    grows = full_attention or any(t in (FULL, SPARSE) for t in model.config.text.layer_types)
     rows = []
     for length in lengths:
         if task == "recall":
@@ -69,7 +72,7 @@ def evaluate_model(
             else:
                 frames, truth, reads = digit_copy.probe_stream(maker, length, probe_distances(length, rng), rng)
             session = StreamSession(
-                model, processor, frame_size=size, max_context=per_frame * length + 64 if full_attention else None
+                model, processor, frame_size=size, max_context=per_frame * length + 64 if grows else None
             )
             times = []
             for i, frame in enumerate(frames):
@@ -80,7 +83,7 @@ def evaluate_model(
                 "task": task,
                 "length": length,
                 "stream": s,
-                "state_bytes": _state_bytes(session.state, full_attention),
+                "state_bytes": state_bytes_used(session.state),
                 "ms_per_frame_first": 1e3 * sum(times[:8]) / min(8, len(times)),
                 "ms_per_frame_last": 1e3 * sum(times[-8:]) / min(8, len(times)),
             }
@@ -118,16 +121,21 @@ def evaluate_model(
     return rows
 
 
-def _state_bytes(state, full_attention: bool) -> int:
-    """InfiniteVL: the state's fixed size. Full attention: the bytes of the cache actually filled (it grows)."""
-    if not full_attention:
-        return state.nbytes
+def state_bytes_used(state) -> int:
+    """The bytes the stream so far occupies: fixed-size layers (Gated DeltaNet, windows, sinks) whole; caches that
+    keep every key (full attention, block-sparse) only as far as they are filled, since they are allocated up front
+    for the longest stream and grow with the input."""
+    from ..state import AttentionLayerState, BlockSparseLayerState
+
     total = 0
     for layer in state.layers:
-        for name, t in layer.tensors().items():
-            if name in ("keys", "values"):
-                filled = int((layer.positions[0] >= 0).sum())
-                total += t[:, :, :filled].numel() * t.element_size()
+        if isinstance(layer, BlockSparseLayerState):
+            total += layer.bytes_used(int(state.num_tokens.max()))
+        elif isinstance(layer, AttentionLayerState) and layer.window is None:
+            filled = int((layer.positions[0] >= 0).sum())
+            total += sum(t[:, :, :filled].numel() * t.element_size() for t in (layer.keys, layer.values))
+        else:
+            total += sum(t.numel() * t.element_size() for t in layer.tensors().values())
     return total
 
 
@@ -381,8 +389,9 @@ def plot(summary: dict, out: Path) -> list[Path]:
     return [path]
 
 
-def write_readme(readme: Path, text: str) -> None:
-    start, end = "<!-- miniature:start -->", "<!-- miniature:end -->"
+def write_readme(readme: Path, text: str, block: str = "miniature") -> None:
+    """Replace the `<!-- {block}:start -->` ... `<!-- {block}:end -->` block of `readme` by `text`."""
+    start, end = f"<!-- {block}:start -->", f"<!-- {block}:end -->"
     content = readme.read_text()
     if start not in content:
         raise ValueError(f"{readme} has no {start} ... {end} block")
