@@ -88,7 +88,7 @@ if task.get("probe") and {probe_ok}:
     print(json.dumps({{"version": "0.3.36", "system_info": "CPU : AVX2 = 1 | AVX512 = 1 | AMX_INT8 = 0 | "}}))
     sys.exit(0)
 if {exit_code}:
-    sys.exit({exit_code})
+    raise SystemExit("RuntimeError: llama_decode failed" if {exit_code} == 1 else {exit_code})
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 os.kill(os.getpid(), signal.SIGILL)
 """
@@ -114,7 +114,7 @@ def test_a_peer_killed_by_sigill_is_reported_as_a_crash_not_by_its_log(monkeypat
     assert text == "llama.cpp: crashed (SIGILL) in its probe." and "crashed (SIGILL)" in lines[-1]
 
 
-@pytest.mark.parametrize("exit_code", [0, 3])
+@pytest.mark.parametrize("exit_code", [0, 1, 3])
 def test_a_crashed_worker_is_a_crashed_row_beside_ours(monkeypatch, tmp_path, exit_code):
     fake_child(monkeypatch, tmp_path, probe_ok=True, exit_code=exit_code)
     cache = tmp_path / "cache"
@@ -124,7 +124,9 @@ def test_a_crashed_worker_is_a_crashed_row_beside_ours(monkeypatch, tmp_path, ex
         (cache / f"qwen35-tiny-random-{kind}.gguf").write_bytes(b"")
     result = llamacpp.run(settings, cache, lambda line: None)
     assert result["status"] == "measured" and result["build_flags"] == ["AVX2", "AVX512"]
-    crash = "crashed (SIGILL)" if exit_code == 0 else f"crashed (exit code {exit_code})"
+    crash = {0: "crashed (SIGILL)", 1: "crashed (exit code 1: RuntimeError: llama_decode failed)"}.get(
+        exit_code, f"crashed (exit code {exit_code})"
+    )
     for kind in settings["types"]:
         r = result["qwen35"][kind]
         assert r["crashed"] and llamacpp.outcome(r) == crash
@@ -164,7 +166,7 @@ def test_the_hybrid_rows_sit_beside_ours():
     assert "| InfiniteVL int8 | measured | 140.0 | 141.0 | 143.0 | 71.0 (4K) |" in text
     assert "| llama.cpp qwen35 Q4_0 | crashed (SIGILL) | - | - | - | - |" in text
     ratio = modes["int8"]["decode"][0]["median_s"] / hybrid["Q8_0"]["decode"][0]["median_s"]
-    assert f"InfiniteVL int8 / llama.cpp Q8_0 at 4K: {ratio:.2f}x" in text
+    assert f"InfiniteVL int8 / llama.cpp qwen35 Q8_0 at 4K: {ratio:.2f}x" in text
 
     lcpp = {"status": "measured", "qwen35": hybrid}
     targets = {t["target"]: t for t in llamacpp_targets(lcpp, modes, "cpu", _target)}

@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import json
+import re
 import signal
 import struct
 import subprocess
@@ -160,7 +161,7 @@ def worker(task: dict[str, Any]) -> dict[str, Any]:
                     raise RuntimeError("llama_decode failed")
 
         if blob is None:
-            prompt = [100 + i % 1000 for i in range(seed)]
+            prompt = [100 + i % 300 for i in range(seed)]  # ids within the tiny models' vocabulary too
             if task.get("time_prefill"):
                 decode(prompt[:64], 0)  # warm-up
                 times = []
@@ -215,7 +216,11 @@ def run_child(task: dict[str, Any], timeout: float) -> dict[str, Any]:
             name = f"signal {-proc.returncode}"
         return {"status": "crashed", "crashed": True, "signal": name, "log_tail": _tail(proc.stderr)}
     if proc.returncode != 0:
-        return {"status": "crashed", "crashed": True, "exit_code": proc.returncode, "log_tail": _tail(proc.stderr)}
+        out = {"status": "crashed", "crashed": True, "exit_code": proc.returncode, "log_tail": _tail(proc.stderr)}
+        last = out["log_tail"][-1] if out["log_tail"] else ""
+        if re.match(r"\w+(Error|Exception)\b", last):  # a Python exception's own message (not llama.cpp's log)
+            out["error"] = last
+        return out
     return {"status": "measured", **json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
@@ -226,7 +231,9 @@ def _tail(log: str, lines: int = 8) -> list[str]:
 def outcome(r: dict[str, Any]) -> str:
     """A short phrase for a result that is not a measurement: 'crashed (SIGILL)', 'crashed (exit code 1)', ..."""
     if r.get("crashed"):
-        return f"crashed ({r['signal']})" if r.get("signal") else f"crashed (exit code {r.get('exit_code')})"
+        if r.get("signal"):
+            return f"crashed ({r['signal']})"
+        return f"crashed (exit code {r.get('exit_code')}" + (f": {r['error']})" if r.get("error") else ")")
     if r.get("status") == "timed out":
         return f"timed out after {r.get('timeout_s', 0):.0f} s"
     return f"{r.get('status', 'not run')}" + (f": {r['error']}" if r.get("error") else "")

@@ -76,14 +76,14 @@ def hybrid_md(h: dict, modes: dict) -> str:
         a, b = _points(mine).get(contexts[0]) if contexts else None, _points(theirs).get(contexts[0] if contexts else 0)
         if a and b:
             ratios.append(
-                f"InfiniteVL {ours} / llama.cpp {kind} at {fmt_tokens(contexts[0])}: {a['median_s'] / b['median_s']:.2f}x"
-                " its time per token"
+                f"InfiniteVL {ours} / llama.cpp qwen35 {kind} at {fmt_tokens(contexts[0])}: "
+                f"{a['median_s'] / b['median_s']:.2f}x its time per token"
             )
     head = ["engine", "status"] + [f"decode ms at {fmt_tokens(c)}" for c in contexts] + ["prefill tok/s (tokens)"]
     return (
         f"llama.cpp beside the same kind of model: {h.get('model', '')}, in the same run. Its attention layers "
-        "attend over the whole context (ours: a window of 8K), and the decode contexts are the real prefill's "
-        "attention cells repeated, with its recurrent state (see below).\n\n"
+        "attend over the whole context (ours: a sliding window), and its decode contexts are its real prefill's "
+        "attention cells repeated, with the recurrent state that prefill left (see below).\n\n"
         + _table(head, rows)
         + ("\n\n" + "; ".join(ratios) + " (the issue's target for int8: within 1.3x)." if ratios else "")
     )

@@ -201,7 +201,8 @@ def full_plan() -> Plan:
             frame=448,
             vision_repeats=2,
             worker_timeout=3600,
-            # about 8 minutes in all (the GGUF files are written once into the cache, about 2 minutes more)
+            # about 10-12 minutes in all on a quiet 2-core machine, most of it the hybrid's two 4K prefills (the GGUF
+            # files are written once into the cache: about 2 minutes more the first time)
             llamacpp=dict(
                 types=["Q8_0", "Q4_0"],
                 models=dict(
@@ -221,17 +222,27 @@ def full_plan() -> Plan:
             fixture=str(FIXTURE),
             fixture_group_size=32,
         ),
-        # the 4b configuration with the full tower; not yet run at this size (hours on 2 cores: run it alone)
+        # the 4b configuration with the full tower, run alone (`--only stream4b`): about 13 minutes on a quiet 2-core
+        # machine by estimate (per frame, bf16: tower 1.9 s + prefill 3.8 s at 448, 0.4 + 1.3 s at 224, about half
+        # of that paired): per mode about 2.6 min of streams and floors, 3 loads about 1 min, the long stream about
+        # 3 min, the product probe (its fp32 half the largest) about 1 min, the tower in fp32 / bf16 / int8 and the
+        # decode steps under 1 min; plus writing the checkpoint if the precision section has not (bench/precision.py)
         stream4b=dict(
             config="4b",
             modes=["bf16", "int8", "int4"],
             group_size=128,
-            sizes=[448, 224],
-            pairing=[False, True],
             fps=2.0,
-            frames=200,
-            warmup_frames=4,
-            floor_repeats=3,
+            streams=[
+                dict(size=448, paired=False, frames=6),
+                dict(size=448, paired=True, frames=12),
+                dict(size=224, paired=False, frames=12),
+                dict(size=224, paired=True, frames=24),
+            ],
+            warmup_steps=2,
+            floor_repeats=2,
+            long=dict(mode="int4", size=224, paired=True, frames=200),
+            probe=dict(size=448, repeats=2),
+            decode=dict(modes=["int8", "int4"], context=4 * K, repeats=10),
         ),
         # the bundled model; frames of 224x224 (64 tokens each), 4 sessions at once, 1 then 2 replicas
         ray=dict(sessions=4, frames=8, frame_size=224, requests=200, max_batch=8),
@@ -353,12 +364,18 @@ def quick_plan() -> Plan:
             config="tiny",
             modes=["bf16", "int4"],
             group_size=32,
-            sizes=[56],
-            pairing=[False, True],
             fps=2.0,
-            frames=4,
-            warmup_frames=2,
+            streams=[
+                dict(size=112, paired=False, frames=2),
+                dict(size=112, paired=True, frames=4),
+                dict(size=56, paired=False, frames=2),
+                dict(size=56, paired=True, frames=4),
+            ],
+            warmup_steps=1,
             floor_repeats=2,
+            long=dict(mode="int4", size=56, paired=True, frames=16),
+            probe=dict(size=112, repeats=2),
+            decode=dict(modes=["int4"], context=64, repeats=3),
         ),
         # no ray section: it starts a Ray cluster (test_serving_ray.py runs its measurements against one)
         notes=["quick run: tiny sizes that only check that the benchmark code works; its numbers mean nothing"],
