@@ -81,6 +81,11 @@ def targets(data: dict[str, dict]) -> list[dict]:
         ("prefill", "prefill faster", "prefill faster than the baseline, margin growing with length"),
         ("streaming", "streaming FPS", "streaming FPS at frame 1,000 within 10% of the first frames"),
         ("precision", "precision:", "precision: int4 / int8 decode, bf16 prefill and vision against fp32, int4 memory"),
+        (
+            "stream4b",
+            "real-size streaming:",
+            "real-size streaming: 448 / 224 frames/s >= 3x today's path, each part within 1.5x of its floor",
+        ),
     ]
     for section, key, name in missing:
         if key not in names:
@@ -90,6 +95,8 @@ def targets(data: dict[str, dict]) -> list[dict]:
 
 
 def _section_of(name: str) -> str:
+    if name.startswith("real-size streaming:"):
+        return "stream4b"
     if "real tokens" in name:
         return "real"
     if name.startswith("precision:"):
@@ -171,6 +178,8 @@ def _judge(data: dict[str, dict]) -> list[dict]:
         out.extend(streaming_targets(stream))
     if data.get("precision", {}).get("result", {}).get("modes"):
         out.extend(precision_targets(data["precision"]))
+    if data.get("stream4b", {}).get("result", {}).get("runs"):
+        out.extend(stream4b_targets(data["stream4b"]))
     return out
 
 
@@ -932,24 +941,150 @@ def variants_md(record: dict) -> str:
     return text + "\n\n" + _method("variants")
 
 
+def _floor_ratio(run: dict, part: str) -> tuple[float, float]:
+    """(seconds per frame, the floor per frame) of a part of a stream4b run (a paired step's time halved)."""
+    floor = run["floors"][part]["median_s"] / (2 if run["paired"] else 1)
+    return run["per_frame_s"][part + "_s"], floor
+
+
+def _path(run: dict) -> str:
+    return f"{run['mode']}, {'pairs' if run['paired'] else 'single frames'}"
+
+
+def stream4b_targets(record: dict) -> list[dict]:
+    """The real-size streaming targets, judged within the run: for each frame size the best path's end-to-end
+    frames/s against today's path (the bf16 decoder, single frames), the best path's tower and prefill against their
+    floors, its prefill's overhead; the long stream's state and pace; the decode steps' overhead."""
+    r, out = record["result"], []
+    for size in sorted({run["size"] for run in r["runs"]}, reverse=True):
+        runs = [run for run in r["runs"] if run["size"] == size and run["fps"]]
+        today = next((run for run in runs if run["mode"] == "bf16" and not run["paired"]), None)
+        best = max(runs, key=lambda run: run["fps"])
+        name = f"real-size streaming: {size}px end-to-end frames/s >= 3x today's path (bf16 decoder, single frames)"
+        if today is None:
+            out.append(_target(name, None, "not measured (no bf16 single-frame stream in this run)"))
+        else:
+            gain = best["fps"] / today["fps"]
+            measured = f"{gain:.2f}x ({best['fps']:.3g} vs {today['fps']:.3g} frames/s)"
+            out.append(_target(name, gain >= 3, measured, f"best path: {_path(best)}"))
+        for part, goal in (("tower", 1.5), ("prefill", 1.5)):
+            seconds, floor = _floor_ratio(best, part)
+            out.append(
+                _target(
+                    f"real-size streaming: {size}px {part} within {goal}x of its matrix products ({_path(best)})",
+                    seconds / floor <= goal,
+                    f"{seconds / floor:.2f}x",
+                    f"{seconds * 1e3:.1f} vs {floor * 1e3:.1f} ms per frame",
+                )
+            )
+        seconds, floor = _floor_ratio(best, "prefill")
+        out.append(
+            _target(
+                f"real-size streaming: {size}px prefill overhead: prefill / its products' floor <= 1.3x",
+                seconds / floor <= 1.3,
+                f"{seconds / floor:.2f}x",
+                f"{best['tokens_per_frame'] * (2 if best['paired'] else 1):g} tokens per step; {_path(best)}",
+            )
+        )
+    long = r.get("long")
+    if long:
+        what = f"{long['frames']} frames of {long['size']}px, {_path(long)}"
+        out.append(
+            _target(
+                "real-size streaming: the long stream's state bytes constant",
+                len(long["state_bytes"]) == 1,
+                f"{fmt_bytes(long['state_bytes'][0])}" if len(long["state_bytes"]) == 1 else "sizes changed",
+                what,
+            )
+        )
+        out.append(
+            _target(
+                "real-size streaming: the long stream's time per frame, last quarter within 10% of the first",
+                abs(long["change"]) <= 0.10,
+                f"{long['change']:+.1%}",
+                f"{long['first_quarter_s'] * 1e3:.1f} -> {long['last_quarter_s'] * 1e3:.1f} ms; {what}",
+            )
+        )
+    for mode, d in r.get("decode", {}).items():
+        step, mm = d["step"]["median_s"], d["products"]["median_s"]
+        out.append(
+            _target(
+                f"real-size streaming: {mode} decode step overhead outside the matrix products <= 10%",
+                d["overhead"] <= 0.10,
+                f"{d['overhead']:.0%} ({(step - mm) * 1e3:.1f} of {step * 1e3:.1f} ms)",
+                f"at {fmt_tokens(d['context'])}; {d['decode_kernels']}",
+            )
+        )
+    return out
+
+
+def _probe_md(r: dict) -> str:
+    probe, agree = r.get("probe"), r.get("tower_agreement")
+    text = ""
+    if probe:
+        rows, wins = [], []
+        for part in ("tower", "prefill"):
+            t = {k: probe[part][k]["median_s"] for k in ("fp32", "bf16", "int8")}
+            winner = min(t, key=t.get)
+            wins.append(f"{part}: {winner}")
+            rows.append(
+                [
+                    part,
+                    str(probe[part]["bf16"]["calls"]),
+                    *(f"{t[k] * 1e3:.1f}" for k in ("fp32", "bf16", "int8")),
+                    f"{t['fp32'] / t['bf16']:.2f}x",
+                    f"{t['bf16'] / t['int8']:.2f}x",
+                    winner,
+                ]
+            )
+        header = ["one step's products", "calls", "fp32 ms", "bf16 ms", "int8 x int8 ms", "bf16 over fp32"]
+        header += ["int8 over bf16", "fastest"]
+        text += (
+            f"\n\nThe matrix products of one {probe['size']}px single-frame step ({probe['mode']} run), each timed alone "
+            "as fp32, bf16 and int8 x int8 (`torch._int_mm`, activations quantized per row at run time, weights per "
+            "channel, quantize and dequantize included), summed per step:\n\n" + _table(header, rows)
+        )
+        gains = [
+            f"{part} ({probe[part]['bf16']['median_s'] / probe[part]['int8']['median_s']:.2f}x)"
+            for part in ("tower", "prefill")
+            if probe[part]["bf16"]["median_s"] > 1.2 * probe[part]["int8"]["median_s"]
+        ]
+        text += "\n\nFastest on this CPU: " + "; ".join(wins) + ". "
+        text += (
+            "**Measured opportunity**: int8 x int8 products beat bf16 by more than 1.2x on " + ", ".join(gains) + "."
+            if gains
+            else "int8 x int8 does not beat bf16 by more than 1.2x on either part's products here."
+        )
+    if agree:
+        a, b = agree["bf16"], agree["int8"]
+        text += (
+            f"\n\nThe tower's features on one real {agree['size']}px frame, cosine similarity per token against "
+            f"fp32 ({a['tokens']} tokens): bf16 min {a['min']:.5f}, mean {a['mean']:.5f}; int8 x int8 linear layers "
+            f"({b['linears']} swapped, the patch embedding in bf16) min {b['min']:.5f}, mean {b['mean']:.5f}."
+        )
+    return text
+
+
 def stream4b_md(record: dict) -> str:
-    """Live frames at real size: frames/s and each part per frame, the tower and the prefill beside their floors."""
+    """Live frames at real size: frames/s and each part per frame, the tower and the prefill beside their floors;
+    the long stream, the product probe, the tower's agreement across precisions and the decode overhead."""
     r = record["result"]
     c = r["cpu"]
     rows = []
     for run in r["runs"]:
-        per, floors, step = run["per_frame_s"], run["floors"], 2 if run["paired"] else 1
+        per = run["per_frame_s"]
         cells = []
         for part in ("tower", "prefill"):
-            floor = floors[part]["median_s"] / step
-            ratio = f"{per[part + '_s'] / floor:.2f}x" if floor > 0 else "-"
-            cells.append(f"{per[part + '_s'] * 1e3:.1f} ({floor * 1e3:.1f}, {ratio})")
+            seconds, floor = _floor_ratio(run, part)
+            ratio = f"{seconds / floor:.2f}x" if floor > 0 else "-"
+            cells.append(f"{seconds * 1e3:.1f} ({floor * 1e3:.1f}, {ratio})")
         constant = "constant" if len(run["state_bytes"]) == 1 else "CHANGED"
         rows.append(
             [
                 run["mode"],
                 f"{run['size']}",
                 "pairs" if run["paired"] else "single",
+                f"{run['frames']}",
                 f"{run['tokens_per_frame']:g}",
                 f"{run['fps']:.3g}" if run["fps"] else "-",
                 f"{per['decode_s'] * 1e3:.1f}",
@@ -962,6 +1097,7 @@ def stream4b_md(record: dict) -> str:
         "decoder",
         "frame px",
         "frames per step",
+        "frames timed",
         "tokens / frame",
         "frames/s end to end",
         "decode ms",
@@ -970,16 +1106,50 @@ def stream4b_md(record: dict) -> str:
         "prefill ms (floor ms, ratio)",
         "state",
     ]
+    loads = ", ".join(f"{m} {s:.1f} s" for m, s in r.get("load_s", {}).items())
     text = (
         f"{r['config'].get('name', '')} configuration, full vision tower, frames from {Path(r['video']).name}; "
         f"CPU {c['cpu']} ({', '.join(c['flags']) or 'no AVX-512 / AMX flags'}; torch CPU capability "
         f"{c['torch_cpu_capability']}, oneDNN bf16 {'native' if c['mkldnn_bf16_native'] else 'emulated'}, "
         f"{c['threads']} threads). Kernels: "
         + "; ".join(f"{m}: {k}" for m, k in r["kernels"].items())
+        + (f". Checkpoint load: {loads}" if loads else "")
         + ". Per frame (a paired step's time halved); the floor is the step's matrix products alone, in the same "
-        "run; target: each part within 1.5x of its floor.\n\n"
+        "run; the targets (judged in the table at the top) compare the best path at each size with today's path "
+        "(the bf16 decoder, single frames) and with its floors.\n\n"
     )
-    return text + _table(header, rows) + "\n\n" + _method("stream4b")
+    text += _table(header, rows)
+    long = r.get("long")
+    if long:
+        text += (
+            f"\n\nThe long stream ({long['mode']}, {long['size']}px, {'pairs' if long['paired'] else 'single'}): "
+            f"{long['frames']} frames at {long['fps']:.3g} frames/s end to end; {long['first_quarter_s'] * 1e3:.1f} ms "
+            f"per frame over its first quarter, {long['last_quarter_s'] * 1e3:.1f} ms over its last "
+            f"({long['change']:+.1%}); state "
+            + (
+                f"{fmt_bytes(long['state_bytes'][0])} after every step"
+                if len(long["state_bytes"]) == 1
+                else "sizes " + ", ".join(fmt_bytes(b) for b in long["state_bytes"])
+            )
+            + "."
+        )
+    text += _probe_md(r)
+    rows = [
+        [
+            mode,
+            fmt_tokens(d["context"]),
+            f"{d['step']['median_s'] * 1e3:.2f}",
+            f"{d['products']['median_s'] * 1e3:.2f}",
+            f"{d['calls']} + {d['inside_kernels']}",
+            f"{d['overhead']:.0%}",
+        ]
+        for mode, d in r.get("decode", {}).items()
+    ]
+    if rows:
+        header = ["decoder", "context", "step ms", "products alone ms", "calls (+ inside fused kernels)", "overhead"]
+        text += "\n\nDecode: one step against its matrix products alone (target: overhead <= 10%):\n\n"
+        text += _table(header, rows)
+    return text + "\n\n" + _method("stream4b")
 
 
 SECTION_MD = {

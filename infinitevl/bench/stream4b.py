@@ -1,24 +1,39 @@
 """Real-size streaming: live frames through the 4b configuration with the full Qwen2.5-VL vision tower, per part and
-against the floor of each part, for each decoder precision, frame size and pairing.
+against the floor of each part, for each decoder precision, frame size and pairing, with the targets of the issue
+judged from the same run.
 
 The model is the precision section's random-weight bf16 checkpoint, loaded as a user would
-(`from_pretrained(dtype=..., quantize=...)`: the decoder in bf16, int8 or int4; the tower in bf16 in every mode).
-The source is the bundled video (`infinitevl/assets/media/mllm_demo/mllm_demo_data/1.mp4`) sampled at `fps` and
-looped. For each mode, frame size (448: 256 tokens per step, 224: 64) and pairing (one frame per temporal step, or
-`pair_frames`: two, as a video file's frames), a `StreamSession` takes `frames` live frames after `warmup_frames`,
-and each appended step is split into:
+(`from_pretrained(dtype=..., quantize=...)`: the decoder in bf16, int8 or int4; the tower in bf16 in every mode;
+the load is timed). The source is the bundled video (`infinitevl/assets/media/mllm_demo/mllm_demo_data/1.mp4`)
+sampled at `fps` and looped. For each mode and each entry of `streams` (frame size: 448 gives 256 tokens per step,
+224 gives 64; pairing: one frame per temporal step, or `pair_frames`: two, as a video file's frames), a fresh
+`StreamSession` takes `warmup_steps` untimed steps, then `frames` live frames, each appended step split into:
 
     decode      PyAV decoding up to the next sampled frame (per frame)
     preprocess  resize + patchify (`Processor.encode_frame`, or `live_frame` + `encode_frame_pair` when paired)
-    tower       the vision tower (the tower module's forward)
+    tower       the vision tower (the tower module's forward, which the engine's prefill calls)
     prefill     the rest of the append: the decoder taking in the step's tokens
 
 The floor beside the tower and the prefill is the same step's matrix products timed alone in the same run: every
-linear layer (and the tower's patch-embedding convolution) the step called, replayed in order on inputs of the
-shapes it saw, with the same modules (so the same kernels: oneDNN bf16, the int8 / int4 packed kernels). Attention
-inside the tower is not counted in the floor. End-to-end frames/s is frames / the summed time of decode,
-preprocess, tower and prefill. The CPU, its flags that matter for these kernels, torch's CPU capability and whether
-oneDNN runs bf16 natively are recorded with the results. The state size is checked constant over the stream.
+linear layer (and the tower's patch-embedding convolution) the last warm-up step called, recorded by hooks and
+replayed in order on inputs of the shapes it saw, with the same modules (so the same kernels: oneDNN bf16, the
+int8 / int4 packed kernels). Attention inside the tower is not counted in the floor. Streams whose steps call the
+same modules on the same shapes (a pair's step has as many tokens as a single frame's) share one floor
+measurement. End-to-end frames/s is frames / the summed time of decode, preprocess, tower and prefill.
+
+Then, in the same run:
+  - one long stream (`long`: a mode, size and pairing, hundreds of frames): the state's bytes after every step
+    (constant by design) and the time per frame over its first and last quarter;
+  - the product probe (bench/products.py): the products of one tower step and one prefill step of the first mode's
+    `probe.size` single-frame stream, as fp32, bf16 and int8 x int8 (dynamic per-row activation scales, per-channel
+    weight scales, quantize / dequantize included), summed per step; and the tower's features on one real frame of
+    that size in fp32, bf16 and int8 x int8 linear layers: cosine similarity per token against fp32;
+  - decode (`decode.modes`): one decode step after a filled context against its own products (the step's linear
+    layers recorded by hooks, plus any the fused kernels compute inside, called alone with one row), timed in
+    turn: the overhead outside the products as a share of the step.
+
+The CPU, its flags that matter for these kernels, torch's CPU capability and whether oneDNN runs bf16 natively are
+recorded with the results.
 """
 
 from __future__ import annotations
@@ -33,10 +48,12 @@ import torch
 from . import configs as C
 from .machine import cpu_flags, cpu_model
 from .precision import KERNELS, MODES, checkpoint
+from .products import probe, product_modules, record, replay, signature, tower_agreement
 from .streaming import DEFAULT_VIDEO, _Recorder, looped_frames
-from .timing import free_memory, measure
+from .timing import free_memory, measure_interleaved
 
 KERNEL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
+PARTS = ("decode_s", "preprocess_s", "tower_s", "prefill_s")
 
 
 def cpu_kernels() -> dict[str, Any]:
@@ -51,49 +68,28 @@ def cpu_kernels() -> dict[str, Any]:
     }
 
 
-def _products(modules: list[torch.nn.Module]) -> tuple[list, list]:
-    """Forward hooks that record, in call order, each module and the shape of its input."""
-    calls: list[tuple[torch.nn.Module, torch.Size, torch.dtype]] = []
-    hooks = [
-        m.register_forward_hook(lambda m, args, out: calls.append((m, args[0].shape, args[0].dtype))) for m in modules
-    ]
-    return calls, hooks
-
-
-def product_modules(model) -> tuple[list, list]:
-    """The tower's and the decoder's modules that are matrix products."""
-    from ..ops.quant import QuantizedLinear, TiedQuantizedHead
-
-    kinds = (torch.nn.Linear, torch.nn.Conv3d, QuantizedLinear, TiedQuantizedHead)
-    tower = [m for m in model.model.visual.modules() if isinstance(m, kinds)]
-    decoder = [m for m in model.model.language_model.modules() if isinstance(m, kinds)] + [model.lm_head]
-    return tower, decoder
-
-
-def replay(calls: list, repeats: int) -> dict[str, Any]:
-    """The recorded products alone: each module on a random input of the shape it saw, in order."""
-    inputs = [torch.randn(shape).to(dtype) for _, shape, dtype in calls]
-
-    def run():
-        for (m, _, _), x in zip(calls, inputs):
-            m(x)
-
-    return measure(run, repeats, warmup=1)
-
-
-def stream(model, processor, video: Path, size: int, paired: bool, p: dict) -> dict[str, Any]:
-    """One live stream: per-step parts, the floors of one step, frames/s and the state size over the stream."""
+def stream(model, processor, video: Path, size: int, paired: bool, frames: int, p: dict, products: bool = True):
+    """One live stream of `frames` frames after `warmup_steps` steps: (per-step parts, frames/s and the state size
+    over the stream; the products the last warm-up step called, {"tower": calls, "prefill": calls}, or None)."""
     from ..engine.session import StreamSession
 
+    warm = p["warmup_steps"]
+    if products and warm < 1:
+        raise ValueError(f"stream4b: warmup_steps is {warm}; the floors are recorded on a warm-up step (give >= 1)")
     session = StreamSession(model, processor, frame_size=(size, size), pair_frames=paired)
     names = ("live_frame", "encode_frame_pair") if paired else ("encode_frame",)
     pre = [_Recorder(processor, n) for n in names]
     tower = _Recorder(model.model.visual, "forward")  # the prefill runs the tower module itself
-    rec: dict[str, list] = {k: [] for k in ("decode_s", "preprocess_s", "tower_s", "prefill_s", "frames", "tokens")}
-    sizes, decode_s, pre_s, pending = set(), 0.0, 0.0, 0.0
+    tower_modules, decoder_modules = product_modules(model)
+    rec: dict[str, list] = {k: [] for k in (*PARTS, "frames", "tokens", "state_bytes")}
+    calls, hooks, steps = None, [], 0
+    decode_s = pre_s = pending = 0.0
     try:
-        total = p["warmup_frames"] + p["frames"]
-        for i, (frame, t, dec) in enumerate(looped_frames(video, p["fps"], total)):
+        total = warm * (2 if paired else 1) + frames
+        for frame, t, dec in looped_frames(video, p["fps"], total):
+            if products and calls is None and steps == warm - 1:
+                (tower_calls, h1), (prefill_calls, h2) = record(tower_modules), record(decoder_modules)
+                calls, hooks = {"tower": tower_calls, "prefill": prefill_calls}, h1 + h2
             start = time.perf_counter()
             before = session.stats.frames
             session.append_frame(frame, t)
@@ -102,64 +98,107 @@ def stream(model, processor, video: Path, size: int, paired: bool, p: dict) -> d
             tower_s = tower.take()
             pre_s += sum(r.take() for r in pre)
             pending += append_s - tower_s
-            frames = session.stats.frames - before
-            if not frames:
+            n = session.stats.frames - before
+            if not n:
                 continue
-            if i >= p["warmup_frames"]:
-                for key, value in (("decode_s", decode_s), ("preprocess_s", pre_s), ("tower_s", tower_s)):
+            for h in hooks:
+                h.remove()
+            hooks = []
+            if steps >= warm:
+                for key, value in zip(PARTS, (decode_s, pre_s, tower_s, pending - pre_s)):
                     rec[key].append(value)
-                rec["prefill_s"].append(pending - pre_s)
-                rec["frames"].append(frames)
+                rec["frames"].append(n)
                 rec["tokens"].append(session.stats.tokens)
-                sizes.add(session.stats.state_bytes)
+                rec["state_bytes"].append(session.stats.state_bytes)
+            steps += 1
             decode_s = pre_s = pending = 0.0
     finally:
         for r in [*pre, tower]:
             r.remove()
-    floors = step_floors(model, processor, size, paired, p["floor_repeats"])
+        for h in hooks:
+            h.remove()
     n_frames = sum(rec["frames"])
-    seconds = sum(sum(rec[k]) for k in ("decode_s", "preprocess_s", "tower_s", "prefill_s"))
-    per_frame = {k: sum(rec[k]) / n_frames for k in ("decode_s", "preprocess_s", "tower_s", "prefill_s")}
-    tokens_per_step = (size // 28) ** 2
-    return {
+    seconds = sum(sum(rec[k]) for k in PARTS)
+    result = {
         "size": size,
         "paired": paired,
         "frames": n_frames,
-        "tokens_per_frame": tokens_per_step / (2 if paired else 1),
+        "tokens_per_frame": (size // 28) ** 2 / (2 if paired else 1),
         "fps": n_frames / seconds if seconds else None,
-        "per_frame_s": per_frame,
-        "step_median_s": {k: statistics.median(rec[k]) for k in ("preprocess_s", "tower_s", "prefill_s")},
-        "floors": floors,
-        "state_bytes": sorted(sizes),
+        "per_frame_s": {k: sum(rec[k]) / n_frames for k in PARTS},
+        "step_median_s": {k: statistics.median(rec[k]) for k in PARTS[1:]},
+        "state_bytes": sorted(set(rec["state_bytes"])),
         "steps": rec,
+    }
+    return result, calls
+
+
+def long_stream(model, processor, video: Path, p: dict) -> dict[str, Any]:
+    """The long stream: its state bytes over every step and the time per frame over its first and last quarter."""
+    q = p["long"]
+    result, _ = stream(model, processor, video, q["size"], q["paired"], q["frames"], p, products=False)
+    steps = result["steps"]
+    totals = [sum(steps[k][i] for k in PARTS) for i in range(len(steps["frames"]))]
+    quarter = max(1, len(totals) // 4)
+
+    def per_frame(part: slice) -> float:
+        return sum(totals[part]) / sum(steps["frames"][part])
+
+    first, last = per_frame(slice(0, quarter)), per_frame(slice(len(totals) - quarter, len(totals)))
+    return {"mode": q["mode"], **result, "first_quarter_s": first, "last_quarter_s": last, "change": last / first - 1}
+
+
+def decode_overhead(model, context: int, repeats: int) -> dict[str, Any]:
+    """One decode step after `context` tokens against its matrix products alone, timed in turn."""
+    from ..engine.generation import decode_step
+    from ..ops import fused
+
+    state = C.fill_state(model.new_state(), context)
+    token = torch.tensor([7])
+    for _ in range(3):  # the first step decides the decode path (and may build the fused kernels)
+        decode_step(model, state, token)
+    _, decoder = product_modules(model)
+    calls, hooks = record(decoder)
+    try:
+        decode_step(model, state, token)
+    finally:
+        for h in hooks:
+            h.remove()
+    called = {id(m) for m, _, _ in calls}
+    inside = [m for m in decoder if id(m) not in called]  # computed inside the fused kernels: still products
+    everything = calls + [(m, torch.Size([1, 1, m.in_features]), model.dtype) for m in inside]
+    inputs = [torch.randn(shape).to(dtype) for _, shape, dtype in everything]
+
+    def products():
+        for (m, _, _), x in zip(everything, inputs):
+            m(x)
+
+    split = measure_interleaved({"step": lambda: decode_step(model, state, token), "products": products}, repeats)
+    step, mm = split["step"]["median_s"], split["products"]["median_s"]
+    return {
+        "context": context,
+        "step": split["step"],
+        "products": split["products"],
+        "calls": len(calls),
+        "inside_kernels": len(inside),
+        "overhead": (step - mm) / step,
+        "decode_kernels": fused.status(model.dtype),
     }
 
 
-def step_floors(model, processor, size: int, paired: bool, repeats: int) -> dict[str, Any]:
-    """The matrix products of one step (tower and prefill), recorded on a fresh session and timed alone."""
-    from PIL import Image
+def _load(folder: Path, mode: str, p: dict):
+    from ..model import InfiniteVLForConditionalGeneration
 
-    from ..engine.session import StreamSession
-
-    session = StreamSession(model, processor, frame_size=(size, size), pair_frames=paired)
-    frame = Image.new("RGB", (size, size), (90, 120, 150))
-    session.append_frame(frame, 0.0)
-    session.append_frame(frame, 1.0)  # a second step continues the segment, as every step after the first does
-    tower_modules, decoder_modules = product_modules(model)
-    tower_calls, hooks = _products(tower_modules)
-    prefill_calls, more = _products(decoder_modules)
-    try:
-        session.append_frame(frame, 2.0)
-        if paired:
-            session.append_frame(frame, 3.0)
-    finally:
-        for h in hooks + more:
-            h.remove()
-    return {"tower": replay(tower_calls, repeats), "prefill": replay(prefill_calls, repeats)}
+    m = MODES[mode]
+    return InfiniteVLForConditionalGeneration.from_pretrained(
+        folder,
+        dtype=getattr(torch, m["dtype"]),
+        quantize=m["quantize"],
+        group_size=p["group_size"] if m["quantize"] == "int4" else None,
+    ).eval()
 
 
 def run(plan, progress, cache: Path) -> dict[str, Any]:
-    from ..model import InfiniteVLForConditionalGeneration
     from ..processing.processor import Processor
 
     p = plan.stream4b
@@ -167,29 +206,59 @@ def run(plan, progress, cache: Path) -> dict[str, Any]:
     folder = checkpoint(name, cache, progress)
     config = C.infinitevl_config(name)
     video = Path(p.get("video") or DEFAULT_VIDEO)
+    largest = max([s["size"] for s in p["streams"]] + [p["long"]["size"], p["probe"]["size"]])
+    processor = Processor(C.byte_tokenizer(config), config, min_pixels=56 * 56, max_pixels=largest * largest)
     out: dict[str, Any] = {
         "config": C.describe_config(name, config, vision=True),
         "video": str(video),
         "cpu": cpu_kernels(),
         "kernels": {m: KERNELS[m] for m in p["modes"]},
+        "load_s": {},
         "runs": [],
+        "probe": None,
+        "tower_agreement": None,
+        "long": None,
+        "decode": {},
     }
-    for mode in p["modes"]:
-        m = MODES[mode]
+    floors: dict[tuple, dict] = {}
+    for i, mode in enumerate(p["modes"]):
         progress(f"stream4b {name} {mode}: loading")
-        model = InfiniteVLForConditionalGeneration.from_pretrained(
-            folder,
-            dtype=getattr(torch, m["dtype"]),
-            quantize=m["quantize"],
-            group_size=p["group_size"] if m["quantize"] == "int4" else None,
-        ).eval()
-        largest = max(p["sizes"])
-        processor = Processor(C.byte_tokenizer(config), config, min_pixels=56 * 56, max_pixels=largest * largest)
-        for size in p["sizes"]:
-            for paired in p["pairing"]:
-                progress(f"stream4b {mode}: {p['frames']} frames of {size}x{size}{', paired' if paired else ''}")
-                with torch.inference_mode():
-                    out["runs"].append({"mode": mode, **stream(model, processor, video, size, paired, p)})
+        start = time.perf_counter()
+        model = _load(folder, mode, p)
+        out["load_s"][mode] = time.perf_counter() - start
+        with torch.inference_mode():
+            for s in p["streams"]:
+                size, paired = s["size"], s["paired"]
+                progress(f"stream4b {mode}: {s['frames']} frames of {size}x{size}{', paired' if paired else ''}")
+                result, calls = stream(model, processor, video, size, paired, s["frames"], p)
+                for part in ("tower", "prefill"):
+                    key = (mode, part, signature(calls[part]))
+                    if key not in floors:
+                        floors[key] = replay(calls[part], p["floor_repeats"])
+                result["floors"] = {part: floors[(mode, part, signature(calls[part]))] for part in ("tower", "prefill")}
+                out["runs"].append({"mode": mode, **result})
+                if i == 0 and size == p["probe"]["size"] and not paired:
+                    progress(f"stream4b {mode}: the products of a {size} step as fp32, bf16 and int8 x int8")
+                    out["probe"] = {
+                        "mode": mode,
+                        "size": size,
+                        **{part: probe(calls[part], p["probe"]["repeats"]) for part in ("tower", "prefill")},
+                    }
+            if i == 0:
+                frame, _, _ = next(looped_frames(video, p["fps"], 1))
+                side = p["probe"]["size"]
+                vision = processor.encode_frame(frame, 0.0, (side, side))
+                progress(f"stream4b: the tower's features on one {side} frame in fp32, bf16, int8 x int8")
+                out["tower_agreement"] = {
+                    "size": side,
+                    **tower_agreement(model.model.visual, vision.pixel_values, vision.grid_thw),
+                }
+            if mode == p["long"]["mode"]:
+                progress(f"stream4b {mode}: the long stream, {p['long']['frames']} frames")
+                out["long"] = long_stream(model, processor, video, p)
+            if mode in p["decode"]["modes"]:
+                progress(f"stream4b {mode}: a decode step against its products")
+                out["decode"][mode] = decode_overhead(model, p["decode"]["context"], p["decode"]["repeats"])
         del model
         free_memory()
     return out

@@ -5,7 +5,7 @@ The source is a real video (`infinitevl/assets/media/mllm_demo/mllm_demo_data/1.
 
     decode      PyAV decoding up to the next sampled frame (`iter_video`)
     preprocess  the processor's resize + patchify (`Processor.encode_frame`)
-    vision      the vision tower (`get_video_features`)
+    vision      the vision tower (the tower module's forward, which the engine's prefill calls directly)
     decoder     the rest: the decoder taking in the frame's tokens (and InfiniteVL's last-position logits)
 
 InfiniteVL runs the real `StreamSession.append_frame`; the preprocess and vision times are read by wrapping the
@@ -97,7 +97,7 @@ def stream_infinitevl(model, processor, frames, size, deadline: float, progress)
 
     session = StreamSession(model, processor, frame_size=size)
     pre = _Recorder(processor, "encode_frame")
-    vis = _Recorder(model, "get_video_features")
+    vis = _Recorder(model.model.visual, "forward")  # the engine's prefill calls the tower, not get_video_features
     rec, stop = _new_record(), "frames_done"
     try:
         for i, (frame, timestamp, decode_s) in enumerate(frames):
