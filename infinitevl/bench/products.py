@@ -75,15 +75,15 @@ def signature(calls: list[Call]) -> tuple:
 # -- int8 x int8 products -----------------------------------------------------------------------------------------------
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] float -> (int8 [M, K], scale [M, 1] fp32): symmetric per row."""
-    scale = x.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-8) / 127
-    return torch.round(x.float() / scale).clamp_(-127, 127).to(torch.int8), scale
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp_min_(1e-8).div_(127)
+    return (x.float() / scale).round_().clamp_(-127, 127).to(torch.int8), scale  # x itself is left as it was
 
 
 def int8_matmul(x: torch.Tensor, qweight_t: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] float, qweight_t [K, N] int8 (quantize_rows of the weight, transposed), weight_scale [1, N] ->
     [M, N] in x's dtype: the activations quantized per row here, an int32 product, dequantized."""
     q, scale = quantize_rows(x)
-    return (torch._int_mm(q, qweight_t).float() * scale * weight_scale).to(x.dtype)
+    return torch._int_mm(q, qweight_t).float().mul_(scale).mul_(weight_scale).to(x.dtype)  # in place: [M, N] is big
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -225,8 +225,9 @@ def full_plan() -> Plan:
         # the 4b configuration with the full tower, run alone (`--only stream4b`): about 13 minutes on a quiet 2-core
         # machine by estimate (per frame, bf16: tower 1.9 s + prefill 3.8 s at 448, 0.4 + 1.3 s at 224, about half
         # of that paired): per mode about 2.6 min of streams and floors, 3 loads about 1 min, the long stream about
-        # 3 min, the product probe (its fp32 half the largest) about 1 min, the tower in fp32 / bf16 / int8 and the
-        # decode steps under 1 min; plus writing the checkpoint if the precision section has not (bench/precision.py)
+        # 3 min, the product probe (fp32, bf16, int8 x int8 of one 448 step, 3 passes) about 1.5 min, the tower in
+        # fp32 / bf16 / int8 and the decode steps under 1 min; plus about 80 s (peak 9.2 GiB) to write the 8.8 GB
+        # checkpoint if the precision section has not (bench/precision.py)
         stream4b=dict(
             config="4b",
             modes=["bf16", "int8", "int4"],
