@@ -324,6 +324,46 @@ def test_block_sparse_gradients_equal_the_reference_past_the_dense_threshold():
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)  # the chunked path computes in fp32
 
 
+@pytest.mark.parametrize("sharpness", [1.0, 30.0])
+def test_block_sparse_is_exact_and_finite_under_sharp_attention(sharpness):
+    """Sharp attention (a query's best key outscoring its own by far more than fp32's e^-87) is what trained models
+    do: the local part's log-sum-exp must stay exact there, forward and backward (no NaN from log(0))."""
+    gen = torch.Generator().manual_seed(8)
+    T = 200
+    q = torch.randn(2, T, 4, 16, generator=gen) * sharpness
+    k, v = (torch.randn(2, T, 2, 16, generator=gen) for _ in range(2))
+    pos = torch.arange(T).expand(2, T)
+    pattern = SparsePattern(4, 8, 1, 32, 64)
+    grads, outs = [], []
+    for op in (block_sparse_attention, block_sparse_attention_reference):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = op(*leaves, pos, pos, pattern)
+        (out * torch.linspace(-1, 1, 16)).sum().backward()
+        outs.append(out.detach())
+        grads.append([t.grad for t in leaves])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+    for mine, ref in zip(*grads):
+        assert torch.isfinite(mine).all()
+        torch.testing.assert_close(mine, ref, rtol=1e-3, atol=1e-3 * max(1.0, float(ref.abs().max())))
+
+
+def test_block_sparse_padding_queries_are_zero_and_padding_keys_unseen():
+    """Left padding: padding queries (position -1) get zeros, and padding keys lying inside a selectable chunk are
+    never attended to (key index = stream position, the rest padding)."""
+    gen = torch.Generator().manual_seed(9)
+    T = 150
+    q = torch.randn(2, T, 4, 8, generator=gen)
+    k, v = (torch.randn(2, T, 2, 8, generator=gen) for _ in range(2))
+    q_pos = torch.arange(T).repeat(2, 1)
+    q_pos[1, :7] = -1  # row 1: padding queries first, and its keys at indices 0..6 are padding
+    out = block_sparse_attention(q, k, v, q_pos, q_pos, PATTERN)
+    assert out[1, :7].abs().max() == 0
+    torch.testing.assert_close(out, block_sparse_attention_reference(q, k, v, q_pos, q_pos, PATTERN))
+    garbage = v.clone()
+    garbage[1, :7] = 1e3  # the padding keys' values changed: nothing any query sees may move
+    torch.testing.assert_close(block_sparse_attention(q, k, garbage, q_pos, q_pos, PATTERN), out)
+
+
 # -- conversion and long-sequence training ----------------------------------------------------------------------------
 def test_convert_base_to_variants_and_train_one_under_its_mask(tmp_path):
     """`infinitevl convert --variant` changes only config.json; `sft-long` then trains the variant (its own mask:

@@ -88,10 +88,36 @@ def _attend(q, k, v, mask, scale, want_lse, own=None):
     mask2 = mask2 | ~mask2.any(-1, keepdim=True)  # padding queries: finite values, dropped below
     o2 = F.scaled_dot_product_attention(q2, k2, v2, attn_mask=mask2.unsqueeze(1), scale=scale, enable_gqa=KV != H)
     share = o2[..., D].float()  # e^p / (Z + e^p), at most 1/2
+    realh = real.unsqueeze(1)
+    if bool((realh & (share < _SMALLEST_SHARE)).any()):
+        # the query's own key scores far below its best one (sharp attention elsewhere): the probe's weight has
+        # underflowed or would blow up log's gradient, so this block's scores are taken explicitly
+        return _attend_explicit(q, k, v, mask, scale, real)
     o = (o2[..., :D].float() / (1 - share).unsqueeze(-1)).to(q.dtype)
     lse = own_score.squeeze(-1).float() * scale + torch.log1p(-share) - torch.log(share)
-    realh = real.unsqueeze(1)
     return o.masked_fill(~realh.unsqueeze(-1), 0.0), lse.masked_fill(~realh, float("-inf"))
+
+
+# below this probe weight the probe's log-sum-exp is not trusted (fp32 keeps e^-27 with full relative precision;
+# smaller weights mean a query's best key outscores its own by over 27 nats, which the explicit path handles)
+_SMALLEST_SHARE = 1e-12
+
+
+def _attend_explicit(q, k, v, mask, scale, real):
+    """`_attend`'s result with its log-sum-exp from the scores themselves (fp32): q [B, H, Tq, D], k/v
+    [B, KV, Tk, D], mask [B, Tq, Tk], real [B, Tq] (queries with a visible key)."""
+    B, H, Tq, D = q.shape
+    KV = k.shape[1]
+    qg = q.float().view(B, KV, H // KV, Tq, D)
+    s = torch.matmul(qg, k.float().unsqueeze(2).transpose(-1, -2)) * scale  # [B, KV, G, Tq, Tk]
+    s = s.masked_fill(~mask[:, None, None], float("-inf"))
+    realg = real[:, None, None, :, None]
+    s = s.masked_fill(~realg, 0.0)  # padding queries: finite scores, dropped below
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    o = torch.matmul(torch.exp(s - lse), v.float().unsqueeze(2))  # [B, KV, G, Tq, D]
+    realh = real.unsqueeze(1)
+    o = o.reshape(B, H, Tq, D).to(q.dtype).masked_fill(~realh.unsqueeze(-1), 0.0)
+    return o, lse.reshape(B, H, Tq).masked_fill(~realh, float("-inf"))
 
 
 def sink_window_attention(
@@ -257,7 +283,8 @@ def block_sparse_attention(
     first, end = int(leading.min()), int(leading.max())
     out = q.new_zeros(B, Tq, H, D)
     if bool(below.any()):
-        out[:, :end] = sink_window_attention(q[:, :end], k, v, q_pos[:, :end], k_pos, None, 0, scale)
+        dense = sink_window_attention(q[:, :end], k, v, q_pos[:, :end], k_pos, None, 0, scale)
+        out[:, :end] = dense.masked_fill((q_pos[:, :end] < 0)[..., None, None], 0.0)  # padding queries: zeros
     if first == Tq:
         return out
     means = chunk_means(k, C) if means is None else means
@@ -268,6 +295,7 @@ def block_sparse_attention(
     )
     kc = k[:, : n * C].reshape(B, n, C, KV, D)
     vc = v[:, : n * C].reshape(B, n, C, KV, D)
+    padc = k_pos[:, : n * C].reshape(B, n, C) < 0  # padding keys inside chunks are never attended to
     for ts in range(0, Tq - first, query_tile):
         te = min(ts + query_tile, Tq - first)
         acc = _TopkAccumulator(o_local[:, ts:te], lse[:, ts:te], KV)
@@ -276,7 +304,7 @@ def block_sparse_attention(
             pairs = sel.permute(0, 1, 3, 2).nonzero()  # (b, g, c, t), sorted by chunk group then query
             if len(pairs):
                 _attend_chunks(
-                    qs[:, ts:te], ps[:, ts:te], pattern.local_tokens, kc, vc, pairs, acc, scale, pairs_per_step
+                    qs[:, ts:te], ps[:, ts:te], pattern.local_tokens, kc, vc, padc, pairs, acc, scale, pairs_per_step
                 )
         o = acc.result().to(q.dtype)
         keep = ~below[:, first + ts : first + te, None, None]
@@ -310,10 +338,10 @@ class _TopkAccumulator:
         return o.view(B, self.KV, T, H // self.KV, D).permute(0, 2, 1, 3, 4).reshape(B, T, H, D)
 
 
-def _attend_chunks(q, q_pos, local_tokens, kc, vc, pairs, acc, scale: float, pairs_per_step: int) -> None:
+def _attend_chunks(q, q_pos, local_tokens, kc, vc, padc, pairs, acc, scale: float, pairs_per_step: int) -> None:
     """Attention of each (query, group) over the chunks it selected, batched by chunk, merged into `acc`.
 
-    q [B, T, H, D], q_pos [B, T]; kc / vc [B, n, C, KV, D]; pairs [P, 4] (b, g, c, t) sorted by (b, g, c). Chunks
+    q [B, T, H, D], q_pos [B, T]; kc / vc [B, n, C, KV, D], padc [B, n, C] (padding keys); pairs [P, 4] (b, g, c, t) sorted by (b, g, c). Chunks
     are taken in order of how many queries picked them, so that a step pads each chunk's queries little."""
     B, T, H, D = q.shape
     n, C, KV = kc.shape[1], kc.shape[2], kc.shape[3]
@@ -340,13 +368,16 @@ def _attend_chunks(q, q_pos, local_tokens, kc, vc, pairs, acc, scale: float, pai
         pb, pg, pt = b[idx], g[idx], t[idx]
         head = starts[s0:s1]  # one pair of each chunk group names the chunk
         hb, hg, hc = b[head], g[head], c[head]
-        qpad = q.new_empty(S, width, G, D, dtype=torch.float32)  # padding rows are hidden below
+        # padding rows are hidden below, and zero: 0 x NaN from uninitialised memory would reach the keys gradient
+        qpad = q.new_zeros(S, width, G, D, dtype=torch.float32)
         qpad[member, rank] = qg[pb, pt, pg].float()
         # keys of a chunk that straddles I_local's start and lie inside it were counted with I_local
         last = torch.full((S, width), -1, dtype=torch.long, device=dev)
         last[member, rank] = q_pos[pb, pt] - local_tokens
         key_pos = hc[:, None] * C + torch.arange(C, device=dev)  # [S, C]
-        hidden = key_pos[:, None, None, :] > last[:, :, None, None]  # [S, width, 1, C]
+        hidden = (key_pos[:, None, None, :] > last[:, :, None, None]) | padc[hb, hc][
+            :, None, None, :
+        ]  # [S, width, 1, C]
         keys = kc[hb, hc, :, hg].float()  # [S, C, D]
         values = vc[hb, hc, :, hg].float()
         s = torch.matmul(qpad.view(S, width * G, D), keys.transpose(1, 2)).mul_(scale)  # [S, width*G, C]
