@@ -375,3 +375,30 @@ def test_convert_eval_and_merge_commands(work, tmp_path):
         "merge", "--base", student, "--adapters", tmp_path / "long" / "adapters", "--out", tmp_path / "merged"
     )
     Model.from_pretrained(tmp_path / "merged")
+
+
+def test_a_non_finite_loss_stops_the_run_before_the_update(work):
+    """A NaN in the forward pass (here: planted in one activation at step 3) stops training with the step and the
+    loss named; the weights are those after step 2 and the saved checkpoint is untouched."""
+    root = work[0]
+    cfg = config(work, "sft", out=root / "nan-run", max_steps=6, set={"optim.lr": 1e-3, "save_every": 2})
+    trainer = Trainer(cfg)
+    embed = trainer.student.model.language_model.embed_tokens
+
+    def poison(module, args, output):
+        return output * float("nan") if trainer.step == 2 else output
+
+    for _ in range(2):
+        trainer.train_step()
+        trainer.step += 1
+    trainer.save_checkpoint()
+    before = {n: p.detach().clone() for n, p in trainer.student.named_parameters()}
+    saved = {p: p.read_bytes() for p in trainer.checkpoint_dir(2).rglob("*") if p.is_file()}
+    embed.register_forward_hook(poison)
+    with pytest.raises(
+        FloatingPointError, match=r"training step 3 of sft: ce is nan.*last checkpoint is .*step-0000002"
+    ):
+        trainer.fit()
+    for name, p in trainer.student.named_parameters():
+        assert torch.equal(p.detach(), before[name]), name
+    assert {p: p.read_bytes() for p in trainer.checkpoint_dir(2).rglob("*") if p.is_file()} == saved

@@ -276,17 +276,35 @@ class Trainer:
             self._dump_grads()
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = acc.clip_grad_norm_(params, self.cfg.optim.grad_clip) if self.cfg.optim.grad_clip else None
+        reduced = acc.reduce(torch.tensor([sums_total[k] for k in weights], device=acc.device), reduction="sum")
+        self._refuse_non_finite(dict(zip(weights, reduced.tolist())), grad_norm)
         lr = self.scheduler.get_last_lr()[0]  # what this step uses
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        reduced = acc.reduce(torch.tensor([sums_total[k] for k in weights], device=acc.device), reduction="sum")
         out = {k: float(v) / max(counts[k], 1.0) for k, v in zip(weights, reduced.tolist())}
         out["loss"] = sum(weights[k] * out[k] for k in weights)
         out["lr"] = lr
         if grad_norm is not None:
             out["grad_norm"] = float(grad_norm)
         return out
+
+    def _refuse_non_finite(self, sums: dict[str, float], grad_norm) -> None:
+        """A NaN or infinite loss or gradient stops the run before the update: the weights stay those of the last
+        finite step, and the checkpoints on disk are untouched (every rank sees the same reduced values)."""
+        bad = {k: v for k, v in sums.items() if not math.isfinite(v)}
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            bad["grad_norm"] = float(grad_norm)
+        if not bad:
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        saved = sorted(self.out.glob("checkpoints/step-*"))
+        where = f"the last checkpoint is {saved[-1]}" if saved else "no checkpoint was saved yet"
+        raise FloatingPointError(
+            f"training step {self.step + 1} of {self.cfg.stage}: "
+            + ", ".join(f"{k} is {v}" for k, v in bad.items())
+            + f"; no update was applied and {where}"
+        )
 
     def _dump_grads(self) -> None:
         if self.accelerator.is_main_process:
