@@ -322,3 +322,37 @@ def test_a_worker_reports_its_own_peak_memory_not_its_parents():
     child_peak, child_rss = map(int, subprocess.check_output([sys.executable, "-c", code], text=True).split())
     del ballast
     assert child_rss <= child_peak < 512 << 20
+
+
+def test_variants_rows_are_kept_from_the_previous_run_and_base_is_skipped_past_its_limit():
+    """A later `variants` run keeps the Offline rows the previous record measured with the same widths and pattern
+    (marked with that run's date and CPU) and times only the new lengths; past `dense_up_to` Base's quadratic layer
+    is not timed and the report says so."""
+    from infinitevl.bench import variants
+    from infinitevl.bench.report import variants_md
+
+    settings = dict(
+        widths=dict(hidden=64, heads=4, kv_heads=2, head_dim=16),
+        pattern=dict(sparse_chunk_size=8, sparse_top_k=4, sparse_local_tokens=32, sparse_dense_threshold=64),
+        tokens=[128, 256],
+        dense_up_to=128,
+        budget_s=60,
+    )
+    first = variants.offline_prefill(settings, lambda msg: None)
+    assert "base_s" in first[0] and "base_s" not in first[1] and first[1]["sdpa_s"] > 0
+    previous = {
+        "machine": {"date": "2026-01-02 03:04 UTC", "cpu": "Some CPU"},
+        "settings": {"offline": settings},
+        "result": {"offline_prefill": first[:1]},
+    }
+    second = variants.offline_prefill(settings, lambda msg: None, previous)
+    assert second[0] == {**first[0], "measured_at": "2026-01-02 03:04 UTC, Some CPU"}
+    assert second[1]["status"] == "measured" and "measured_at" not in second[1]
+    other = {**settings, "pattern": {**settings["pattern"], "sparse_top_k": 2}}
+    assert "measured_at" not in variants.offline_prefill(other, lambda msg: None, previous)[0]
+    record = {
+        "settings": {"offline": settings},
+        "result": {"offline_prefill": second, "online_decode": []},
+    }
+    table = variants_md(record)
+    assert "2026-01-02 03:04 UTC, Some CPU" in table and "not timed" in table and "this run" in table

@@ -913,19 +913,29 @@ def variants_md(record: dict) -> str:
     rows = []
     for p in r["offline_prefill"]:
         if p["status"] != "measured":
-            rows.append([fmt_tokens(p["tokens"]), p["status"].replace("_", " "), "-", "-", "-", "-"])
+            rows.append([fmt_tokens(p["tokens"]), p["status"].replace("_", " "), "-", "-", "-", "-", "-"])
             continue
+        timed = "base_s" in p
         rows.append(
             [
                 fmt_tokens(p["tokens"]),
                 f"{p['offline_s']:.2f}",
-                f"{p['base_s']:.2f}",
+                f"{p['base_s']:.2f}" if timed else "not timed",
                 f"{p['sdpa_s']:.2f}",
-                f"{p['base_s'] / p['offline_s']:.2f}x / {p['sdpa_s'] / p['offline_s']:.2f}x",
+                (f"{p['base_s'] / p['offline_s']:.2f}x" if timed else "-") + f" / {p['sdpa_s'] / p['offline_s']:.2f}x",
                 fmt_bytes(p["offline_cache_bytes"]),
+                p.get("measured_at", "this run"),
             ]
         )
-    header = ["tokens", "Offline s", "Base s", "causal SDPA s", "Base / Offline, SDPA / Offline", "Offline cache"]
+    header = [
+        "tokens",
+        "Offline s",
+        "Base s",
+        "causal SDPA s",
+        "Base / Offline, SDPA / Offline",
+        "Offline cache",
+        "measured",
+    ]
     w = record["settings"]["offline"]["widths"]
     text = (
         f"Offline (block-sparse) against dense full attention, one softmax layer (hidden {w['hidden']}, "

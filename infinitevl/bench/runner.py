@@ -222,12 +222,12 @@ def full_plan() -> Plan:
             fixture=str(FIXTURE),
             fixture_group_size=32,
         ),
-        # the 4b configuration with the full tower, run alone (`--only stream4b`): about 13 minutes on a quiet 2-core
-        # machine by estimate (per frame, bf16: tower 1.9 s + prefill 3.8 s at 448, 0.4 + 1.3 s at 224, about half
-        # of that paired): per mode about 2.6 min of streams and floors, 3 loads about 1 min, the long stream about
-        # 3 min, the product probe (fp32, bf16, int8 x int8 of one 448 step, 3 passes) about 1.5 min, the tower in
-        # fp32 / bf16 / int8 and the decode steps under 1 min; plus about 80 s (peak 9.2 GiB) to write the 8.8 GB
-        # checkpoint if the precision section has not (bench/precision.py)
+        # the 4b configuration with the full tower, run alone (`--only stream4b`): 23 minutes (1,373 s) measured on a
+        # quiet 2-core Xeon. The estimate was about 13 (per frame, bf16: tower 1.9 s + prefill 3.8 s at 448, 0.4 +
+        # 1.3 s at 224, about half of that paired; 3 loads about 1 min; the long stream about 3 min; the product
+        # probe about 1.5 min); the run's extra time went into the int8 / int4 decoders' prefill (up to 10.8 s per
+        # 448 frame, docs/benchmarks/stream4b.json). Plus about 80 s (peak 9.2 GiB) to write the 8.8 GB checkpoint if the
+        # precision section has not (bench/precision.py)
         stream4b=dict(
             config="4b",
             modes=["bf16", "int8", "int4"],
@@ -252,6 +252,7 @@ def full_plan() -> Plan:
             offline=dict(
                 widths=dict(hidden=2048, heads=16, kv_heads=2, head_dim=128),
                 tokens=[16 * K, 32 * K, 64 * K, 128 * K, 256 * K],
+                dense_up_to=128 * K,  # Base's blockwise layer at 256K would take about half an hour alone
                 budget_s=900,
             ),
             online=dict(
@@ -445,7 +446,7 @@ def run_section(name: str, plan: Plan, out: Path, progress) -> dict[str, Any]:
     if name == "variants":
         from . import variants
 
-        return variants.run(plan, progress)
+        return variants.run(plan, progress, _load(out, "variants"))
     if name == "stream4b":
         from . import stream4b
 

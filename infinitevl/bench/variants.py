@@ -10,6 +10,12 @@ machine has, a floor for Base. The Offline cache's bytes for N tokens (keys, val
 they grow linearly with N. With random inputs the chunk choices are spread out, which costs this implementation
 nothing extra: its work is set by N, the top-k and the chunk size.
 
+Base's blockwise layer is the slowest of the three and quadratic: above `dense_up_to` tokens (128K in the full plan)
+it is not timed, and Offline is compared with the fused SDPA floor alone. Offline rows already measured in the
+previous record (`variants.json` in the output folder) with the same widths and pattern are kept as they were,
+marked with that run's date, so a later run can add a length without re-timing the others; the report says which
+run each row comes from.
+
 Online: the tiny model with its softmax layers as `sink_sliding_attention` (256 sinks + a 2048-token window), a
 state filled by prefill to each context, then the median of one-token decode steps (random ids). The state's bytes
 are the same at every context; the step time should be too.
@@ -51,7 +57,7 @@ def _layer_pair(widths: dict, pattern: dict):
     return cfg, dense.eval(), sparse.eval()
 
 
-def _offline_point(cfg, dense, sparse, n: int) -> dict[str, Any]:
+def _offline_point(cfg, dense, sparse, n: int, time_base: bool = True) -> dict[str, Any]:
     from ..model.layout import TokenLayout
     from ..model.rope import rope_cos_sin
 
@@ -64,9 +70,10 @@ def _offline_point(cfg, dense, sparse, n: int) -> dict[str, Any]:
     start = time.perf_counter()
     sparse(x, cos, sin, layout)
     row["offline_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    dense(x, cos, sin, layout)
-    row["base_s"] = time.perf_counter() - start
+    if time_base:
+        start = time.perf_counter()
+        dense(x, cos, sin, layout)
+        row["base_s"] = time.perf_counter() - start
     q, k, v = (t.transpose(1, 2) for t in sparse._qkv(x, cos, sin))
     start = time.perf_counter()
     F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -76,19 +83,32 @@ def _offline_point(cfg, dense, sparse, n: int) -> dict[str, Any]:
     return row
 
 
-def offline_prefill(settings: dict, progress) -> list[dict[str, Any]]:
+def offline_prefill(settings: dict, progress, previous: dict | None = None) -> list[dict[str, Any]]:
+    """Rows per token count; `previous` is the last `variants` record, whose measured rows are kept when it ran
+    the same widths and pattern."""
+    kept: dict[int, dict] = {}
+    if previous is not None:
+        before = previous["settings"]["offline"]
+        if before["widths"] == settings["widths"] and before.get("pattern", {}) == settings.get("pattern", {}):
+            for row in previous["result"]["offline_prefill"]:
+                if row["status"] == "measured":
+                    when = f"{previous['machine']['date']}, {previous['machine']['cpu']}"
+                    kept[row["tokens"]] = {**row, "measured_at": row.get("measured_at", when)}
     cfg, dense, sparse = _layer_pair(settings["widths"], settings.get("pattern", {}))
     rows, deadline = [], time.perf_counter() + settings["budget_s"]
     for n in settings["tokens"]:
+        if n in kept:
+            rows.append(kept[n])
+            progress(f"variants: {fmt_tokens(n)} tokens: kept from the run of {kept[n]['measured_at']}")
+            continue
         if time.perf_counter() > deadline:
             rows.append({"tokens": n, "status": "skipped_time_budget"})
             continue
-        rows.append(_offline_point(cfg, dense, sparse, n))
+        time_base = n <= settings.get("dense_up_to", n)
+        rows.append(_offline_point(cfg, dense, sparse, n, time_base))
         r = rows[-1]
-        progress(
-            f"variants: {fmt_tokens(n)} tokens: Offline {r['offline_s']:.1f} s, Base {r['base_s']:.1f} s, "
-            f"causal SDPA {r['sdpa_s']:.1f} s"
-        )
+        base = f"Base {r['base_s']:.1f} s" if time_base else "Base not timed"
+        progress(f"variants: {fmt_tokens(n)} tokens: Offline {r['offline_s']:.1f} s, {base}, SDPA {r['sdpa_s']:.1f} s")
     return rows
 
 
@@ -125,9 +145,9 @@ def online_decode(settings: dict, progress) -> list[dict[str, Any]]:
     return rows
 
 
-def run(plan, progress) -> dict[str, Any]:
+def run(plan, progress, previous: dict | None = None) -> dict[str, Any]:
     settings = plan.variants
     return {
-        "offline_prefill": offline_prefill(settings["offline"], progress),
+        "offline_prefill": offline_prefill(settings["offline"], progress, previous),
         "online_decode": online_decode(settings["online"], progress),
     }
