@@ -226,8 +226,8 @@ def full_plan() -> Plan:
         # quiet 2-core Xeon. The estimate was about 13 (per frame, bf16: tower 1.9 s + prefill 3.8 s at 448, 0.4 +
         # 1.3 s at 224, about half of that paired; 3 loads about 1 min; the long stream about 3 min; the product
         # probe about 1.5 min); the run's extra time went into the int8 / int4 decoders' prefill (up to 10.8 s per
-        # 448 frame, docs/benchmarks/stream4b.json). Plus about 80 s (peak 9.2 GiB) to write the 8.8 GB checkpoint if the
-        # precision section has not (bench/precision.py)
+        # 448 frame, docs/benchmarks/stream4b.json). Plus about 80 s (peak 9.2 GiB) to write the 8.8 GB checkpoint
+        # if the precision section has not (bench/precision.py)
         stream4b=dict(
             config="4b",
             modes=["bf16", "int8", "int4"],
