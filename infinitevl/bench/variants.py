@@ -90,9 +90,9 @@ def offline_prefill(settings: dict, progress, previous: dict | None = None) -> l
     if previous is not None:
         before = previous["settings"]["offline"]
         if before["widths"] == settings["widths"] and before.get("pattern", {}) == settings.get("pattern", {}):
+            when = f"{previous['machine']['date']}, {previous['machine']['cpu']}"
             for row in previous["result"]["offline_prefill"]:
                 if row["status"] == "measured":
-                    when = f"{previous['machine']['date']}, {previous['machine']['cpu']}"
                     kept[row["tokens"]] = {**row, "measured_at": row.get("measured_at", when)}
     cfg, dense, sparse = _layer_pair(settings["widths"], settings.get("pattern", {}))
     rows, deadline = [], time.perf_counter() + settings["budget_s"]
