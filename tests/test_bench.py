@@ -157,20 +157,29 @@ def test_real_size_streaming_section(quick_run):
     out, markdown = quick_run
     record = json.loads((out / "stream4b.json").read_text())
     settings, result = record["settings"], record["result"]
-    runs = {(r["mode"], r["size"], r["paired"]): r for r in result["runs"]}
-    streams = {(s["size"], s["paired"]): s for s in settings["streams"]}
+    default = {False: 1, True: 2}
+    runs = {(r["mode"], r["size"], r["paired"], r["frames_per_step"]): r for r in result["runs"]}
+    streams = {
+        (s["size"], s["paired"], s.get("frames_per_step") or default[s["paired"]]): s for s in settings["streams"]
+    }
+    assert any(per_step > default[paired] for _, paired, per_step in streams)  # several temporal steps per prefill
     assert set(runs) == {(m, *key) for m in settings["modes"] for key in streams}
-    for (mode, size, paired), run in runs.items():
-        assert run["frames"] == streams[(size, paired)]["frames"] and run["fps"] > 0
+    for (mode, size, paired, per_step), run in runs.items():
+        assert run["frames"] == streams[(size, paired, per_step)]["frames"] and run["fps"] > 0
         assert len(run["state_bytes"]) == 1  # constant over the stream
         assert all(run["per_frame_s"][k] > 0 for k in ("decode_s", "preprocess_s", "tower_s", "prefill_s"))
         assert run["floors"]["tower"]["median_s"] > 0 and run["floors"]["prefill"]["median_s"] > 0
         assert run["floors"]["tower"]["calls"] > 0 and run["floors"]["prefill"]["calls"] > 0
-        assert set(run["steps"]["frames"]) == {2 if paired else 1}
+        assert set(run["steps"]["frames"]) == {per_step}
+        single = runs[(mode, size, False, 1)]
         if paired:
-            assert run["tokens_per_frame"] * 2 == runs[(mode, size, False)]["tokens_per_frame"]
-            # a pair's step multiplies as a single frame's does: the same products, the same floor
-            assert run["floors"] == runs[(mode, size, False)]["floors"]
+            assert run["tokens_per_frame"] * 2 == single["tokens_per_frame"]
+        if per_step == default[paired]:
+            # one temporal step per prefill multiplies as a single frame's does: the same products, the same floor
+            assert run["floors"] == single["floors"]
+        else:  # one prefill of several temporal steps: the same layers called on more rows
+            assert run["floors"]["prefill"]["calls"] == single["floors"]["prefill"]["calls"]
+            assert run["floors"]["prefill"]["median_s"] > 0
     assert result["cpu"]["torch_cpu_capability"] and result["kernels"]
     assert set(result["load_s"]) == set(settings["modes"]) and all(s > 0 for s in result["load_s"].values())
     long = result["long"]
@@ -180,7 +189,7 @@ def test_real_size_streaming_section(quick_run):
     probe = result["probe"]
     assert probe["size"] == settings["probe"]["size"]
     for part in ("tower", "prefill"):
-        calls = runs[(probe["mode"], probe["size"], False)]["floors"][part]["calls"]
+        calls = runs[(probe["mode"], probe["size"], False, 1)]["floors"][part]["calls"]
         for kind in ("fp32", "bf16", "int8"):
             assert probe[part][kind]["calls"] == calls and probe[part][kind]["repeats"] == settings["probe"]["repeats"]
     agree = result["tower_agreement"]
@@ -196,7 +205,7 @@ def test_real_size_streaming_section(quick_run):
     assert "The long stream" in section and "| tower | " in section and "| prefill | " in section
     assert "cosine similarity per token" in section and "Decode: one step against its matrix products" in section
     rows = [line for line in text.splitlines() if line.startswith("| real-size streaming:")]
-    sizes = {s for s, _ in streams}
+    sizes = {s for s, _, _ in streams}
     assert len(rows) == 4 * len(sizes) + 2 + len(settings["decode"]["modes"])
     assert all(line.endswith("|") and "| not judged (quick run) |" in line for line in rows)
 
@@ -210,7 +219,7 @@ def test_real_size_streaming_targets_judged(quick_run):
     runs = record["result"]["runs"]
     sizes = sorted({r["size"] for r in runs})
     for size, gain in zip(sizes, (4.0, 2.0)):  # today's path made 4x / 2x slower than the best at each size
-        today = next(r for r in runs if r["size"] == size and r["mode"] == "bf16" and not r["paired"])
+        today = next(r for r in runs if r["size"] == size and r["mode"] == "bf16" and r["frames_per_step"] == 1)
         best = max((r for r in runs if r["size"] == size and r is not today), key=lambda r: r["fps"])
         today["fps"] = best["fps"] / gain
     found = {t["target"]: t for t in report.targets({"stream4b": record})}

@@ -8,6 +8,7 @@ import re
 
 import pytest
 from conftest import MEDIA
+from PIL import Image
 from test_cli import run
 
 from infinitevl.cli.stream import Paced
@@ -76,10 +77,16 @@ def model_dir(tmp_path_factory):
 
 
 def test_stream_realtime_skips_what_the_model_cannot_keep_up_with(model_dir, tmp_path):
+    """A folder of frames played at 1000 frames/s: a millisecond per frame, which no model here keeps up with (a
+    video file's own frame rate would cap the source at 30 frames/s, which the tiny model can match)."""
     n = 40
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    photo = Image.open(DATA / "1.jpg").convert("RGB").resize((64, 64))
+    for i in range(n):
+        photo.save(folder / f"{i:03d}.png")
     proc = run(
-        "stream", DATA / "3.mp4", "--model", model_dir, "--size", "56", "--fps", "1000", "--max-frames", n,
-        "--realtime", "--no-progress",
+        "stream", folder, "--model", model_dir, "--size", "56", "--fps", "1000", "--realtime", "--no-progress",
     )  # fmt: skip
     kept = int(re.search(r"done: (\d+) frames?", proc.stdout).group(1))
     match = re.search(r"realtime: keeping \S+ of \S+ frames/s \((\d+) skipped\)", proc.stdout)
@@ -95,5 +102,23 @@ def test_stream_pair_frames_end_to_end(model_dir, tmp_path):
     )  # fmt: skip
     assert "in pairs" in proc.stderr and "done: 5 frames" in proc.stdout  # the odd last frame is not lost
     info = json.loads(run("state", snap, "--json").stdout)
-    assert info["pair_frames"] and info["held_frame"] is None and info["counters"]["frames"] == 5
-    assert "live frames in pairs; no frame held" in run("state", snap).stdout
+    assert info["pair_frames"] and info["held_frames"] == [] and info["counters"]["frames"] == 5
+    assert "live frames in pairs, 2 per prefill; no frame held" in run("state", snap).stdout
+
+
+def test_stream_frames_per_step_end_to_end(model_dir, tmp_path):
+    """Four frames per prefill: six frames make one full step and two held ones, which the end of the stream puts
+    in (none lost); an odd count with pairs is refused before the model loads."""
+    snap = tmp_path / "steps.safetensors"
+    proc = run(
+        "stream", DATA / "3.mp4", "--model", model_dir, "--size", "56", "--fps", "2", "--max-frames", "6",
+        "--pair-frames", "--frames-per-step", "4", "--no-progress", "--save-state", snap,
+        "--final", "What happens?", "--max-new-tokens", "3",
+    )  # fmt: skip
+    assert "in pairs, 4 frames per prefill" in proc.stderr and "done: 6 frames" in proc.stdout
+    info = json.loads(run("state", snap, "--json").stdout)
+    assert info["frames_per_step"] == 4 and info["held_frames"] == [] and info["counters"]["frames"] == 6
+    bad = run(
+        "stream", DATA / "3.mp4", "--model", model_dir, "--pair-frames", "--frames-per-step", "3", check=False
+    )  # fmt: skip
+    assert bad.returncode != 0 and "--frames-per-step: frames_per_step must be an even number" in bad.stderr

@@ -1,7 +1,11 @@
 """Paired live frames (`StreamSession(pair_frames=True)`): two frames per temporal step, placed exactly as a video
-file's pairs; a held first frame answered around, flushed before other input, and kept by snapshots."""
+file's pairs; a held first frame answered around, flushed before other input, and kept by snapshots. Several
+temporal steps per prefill (`frames_per_step`): the same tokens and positions as one step at a time, the tower run
+once per prefill."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -156,4 +160,113 @@ def test_unpaired_sessions_are_unchanged(model, processor, frames):
     size = frame_size(processor, frames)
     live = StreamSession(model, processor, frame_size=size)
     n = live.append_frame(frames[0], 0.0)
-    assert n == 1 + (size[0] // 28) * (size[1] // 28) and live.held is None and live.stats.frames == 1
+    assert n == 1 + (size[0] // 28) * (size[1] // 28) and live.held == () and live.stats.frames == 1
+
+
+def live_run(model, processor, size, frames, times, monkeypatch, **options):
+    """A live session fed `frames` at `times` and closed by text: (its session, the prefills it made, the tower calls
+    it made)."""
+    calls = recorded(monkeypatch, model)
+    towers = []
+    visual = model.model.visual
+    hook = visual.register_forward_hook(lambda m, args, out: towers.append(args[0].shape[0]))
+    try:
+        live = StreamSession(model, processor, frame_size=size, **options)
+        for f, t in zip(frames, times):
+            live.append_frame(f, t)
+        live.append_text("What happened?")
+    finally:
+        hook.remove()
+    return live, calls, towers
+
+
+@pytest.mark.parametrize(
+    "paired, per_step, times",
+    [
+        (True, 4, [0.0, 1.0, 2.0, 3.0, 4.0]),  # two pairs per prefill, the odd fifth frame alone at the end
+        (False, 3, [0.0, 0.2, 0.2, 3.7, 9.0]),  # irregular times: equal stamps, a gap, a pause
+        (True, 6, [0.0, 0.5, 0.5, 2.0, 7.5]),  # every frame held until the text comes
+    ],
+)
+def test_several_steps_per_prefill_are_the_same_tokens_and_positions(
+    model, processor, frames, monkeypatch, paired, per_step, times
+):
+    size = frame_size(processor, frames)
+    one, one_calls, one_towers = live_run(model, processor, size, frames, times, monkeypatch, pair_frames=paired)
+    many, calls, towers = live_run(
+        model, processor, size, frames, times, monkeypatch, pair_frames=paired, frames_per_step=per_step
+    )
+    ids_1, pos_1 = (torch.cat(x, dim=-1) for x in zip(*one_calls))
+    ids_n, pos_n = (torch.cat(x, dim=-1) for x in zip(*calls))
+    assert torch.equal(ids_n, ids_1)
+    assert torch.equal(pos_n, pos_1)
+    steps = -(-len(frames) // per_step)  # prefills of frames, the last one made by the text's flush
+    assert len(calls) == steps + 2 and len(one_calls) == -(-len(frames) // (1 + paired)) + 2  # + opening, text
+    assert len(towers) == steps and sum(towers) == sum(one_towers)  # one tower pass per prefill, same patches
+    assert many.stats.frames == one.stats.frames == len(frames) and many.stats.pending_frames == 0
+    assert torch.equal(many.state.next_position, one.state.next_position)
+    for la, lb in zip(many.state.layers, one.state.layers):
+        for x, y in zip(la.tensors().values(), lb.tensors().values()):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_held_frames_of_a_step_are_answered_around_and_kept_by_snapshots(model, processor, frames, tmp_path):
+    size = frame_size(processor, frames)
+    sampling = SamplingParams(max_new_tokens=6)
+    live = StreamSession(model, processor, frame_size=size, pair_frames=True, frames_per_step=4)
+    added = [live.append_frame(f, float(i)) for i, f in enumerate(frames)]
+    assert added[:3] == [0, 0, 0] and added[3] > 0 and added[4] == 0
+    assert live.stats.frames == 4 and live.stats.pending_frames == 1
+    for i, f in enumerate(frames[:3]):
+        live.append_frame(f, 5.0 + i)  # the held fifth frame and these three fill the second step
+    assert live.stats.frames == 8 and live.stats.pending_frames == 0
+    live.append_frame(frames[3], 8.0)
+    assert live.stats.frames == 8 and live.stats.pending_frames == 1
+    live.append_frame(frames[0], 9.0)
+    live.append_frame(frames[1], 10.0)
+    assert live.stats.pending_frames == 3
+    complete = StreamSession(model, processor, frame_size=size, pair_frames=True, frames_per_step=4)
+    for i, f in enumerate(frames):
+        complete.append_frame(f, float(i))
+    for i, f in enumerate(frames[:3]):
+        complete.append_frame(f, 5.0 + i)
+    assert complete.stats.pending_frames == 0
+    assert states_equal(live, complete)  # the held frames are not in the state
+    assert live.ask("What is shown?", sampling) == complete.ask("What is shown?", sampling)
+    assert live.stats.pending_frames == 3
+    path = live.save(tmp_path / "held3.safetensors")
+    restored = StreamSession.restore(path, model, processor, frame_size=size)  # settings come from the file
+    assert restored.pair_frames and restored.frames_per_step == 4 and restored.stats.pending_frames == 3
+    assert [h.timestamp for h in restored.held] == [8.0, 9.0, 10.0]
+    for s in (live, restored):
+        s.append_frame(frames[2], 11.0)
+        s.append_text("and then")
+    assert states_equal(live, restored) and restored.stats.frames == live.stats.frames == 12
+
+
+def test_files_with_one_held_frame_still_restore(model, processor, frames, tmp_path):
+    """Snapshots written before frames_per_step keep their held frame under `held_frame`."""
+    size = frame_size(processor, frames)
+    live = StreamSession(model, processor, frame_size=size, pair_frames=True)
+    live.append_frame(frames[0], 0.0)
+    meta = live.metadata()
+    old = {k: v for k, v in meta.items() if k != "held_frames"}
+    old["held_frame"] = json.dumps(json.loads(meta["held_frames"])[0])
+    path = live.state.save(tmp_path / "old.safetensors", extra=old)
+    restored = StreamSession.restore(path, model, processor, frame_size=size)
+    assert restored.stats.pending_frames == 1 and restored.held[0].timestamp == 0.0
+    assert restored.held[0].image.tobytes() == live.held[0].image.tobytes()
+
+
+@pytest.mark.parametrize(
+    "paired, per_step, message",
+    [
+        (True, 3, "an even number"),
+        (False, 0, r"in \[1, 32\]"),
+        (False, 33, r"in \[1, 32\]"),
+        (False, 2.5, "a whole number"),
+    ],
+)
+def test_bad_frames_per_step_is_refused_by_name(model, processor, paired, per_step, message):
+    with pytest.raises(ValueError, match=f"frames_per_step must be.*{message}"):
+        StreamSession(model, processor, frame_size=(224, 224), pair_frames=paired, frames_per_step=per_step)

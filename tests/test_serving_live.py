@@ -26,26 +26,31 @@ def upload(http: httpx.Client, sid: str, data: bytes, t: float) -> httpx.Respons
     )
 
 
-def test_paired_frames_over_http_survive_a_restart(model_dir, engine, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("per_step", [None, 4])
+def test_paired_frames_over_http_survive_a_restart(model_dir, engine, tmp_path, per_step):  # noqa: F811
     frames = [(jpeg(f), t) for f, t in iter_video(DATA / "3.mp4", fps=2.0, max_frames=5)]
-    ref = engine.session(frame_size=(SIZE, SIZE), pair_frames=True)  # the same stream, in-process
+    ref = engine.session(frame_size=(SIZE, SIZE), pair_frames=True, frames_per_step=per_step)  # in-process
+    step = per_step or 2
     srv = start(model_dir, state_dir=tmp_path / "state")
     with httpx.Client(base_url=srv.url, timeout=60) as http:
-        sid = create(http, frame_size=SIZE, pair_frames=True)
+        extra = {} if per_step is None else {"frames_per_step": per_step}
+        sid = create(http, frame_size=SIZE, pair_frames=True, **extra)
         for n, (data, t) in enumerate(frames[:3], start=1):
             r = upload(http, sid, data, t)
             assert r.status_code == 200, r.text
             ref.append_frame(load_image(data), t)
             got = r.json()["session"]
-            assert got["pair_frames"] and got["pending_frames"] == n % 2 == ref.stats.pending_frames
-            assert got["frames"] == ref.stats.frames == n - n % 2 and got["tokens"] == ref.stats.tokens
-        assert ask(http, sid, "What is shown?") == ref.ask("What is shown?", ANSWER)  # from the complete pair
+            assert got["pair_frames"] and got["frames_per_step"] == step
+            assert got["pending_frames"] == n % step == ref.stats.pending_frames
+            assert got["frames"] == ref.stats.frames == n - n % step and got["tokens"] == ref.stats.tokens
+        assert ask(http, sid, "What is shown?") == ref.ask("What is shown?", ANSWER)  # from the complete steps
     srv.stop()
-    srv = start(model_dir, state_dir=tmp_path / "state")  # the held frame was written with the session
+    srv = start(model_dir, state_dir=tmp_path / "state")  # the held frames were written with the session
     try:
         with httpx.Client(base_url=srv.url, timeout=60) as http:
             restored = info(http, sid)
-            assert restored["pair_frames"] and restored["pending_frames"] == 1 and restored["frames"] == 2
+            assert restored["pair_frames"] and restored["frames_per_step"] == step
+            assert restored["pending_frames"] == 3 % step and restored["frames"] == 3 - 3 % step
             for data, t in frames[3:]:
                 assert upload(http, sid, data, t).status_code == 200
                 ref.append_frame(load_image(data), t)
@@ -55,6 +60,8 @@ def test_paired_frames_over_http_survive_a_restart(model_dir, engine, tmp_path):
             assert final["frames"] == ref.stats.frames == 5 and final["pending_frames"] == 0
             assert final["tokens"] == ref.stats.tokens
             assert ask(http, sid, "What happened?") == ref.ask("What happened?", ANSWER)
+            bad = http.post("/v1/sessions", json={"pair_frames": True, "frames_per_step": 3})
+            assert bad.status_code in (400, 422) and "frames_per_step must be even" in bad.text
     finally:
         srv.stop()
 

@@ -394,3 +394,23 @@ def test_the_page_runs_a_live_session(browser, server, tmp_path):
     assert len(set(s for _, s in seen)) == 1
     page.console()
     server.stop()
+
+
+def test_a_new_session_takes_pairs_and_frames_per_prefill(browser, server):
+    """The page's session options reach the server: a new session with frames in pairs and 4 frames per prefill."""
+    page = Page(browser)
+    api = server.api()
+    browser.get(server.url + "/")
+    page.wait(lambda: "needs an API key" in page.messages(), "the page asks for the key")
+    page.el("api-key").send_keys(KEY, Keys.ENTER)
+    page.wait(lambda: "API key accepted" in page.messages(), "the key is accepted")
+    page.console("status of 401")  # the page's requests before the key was given
+    page.el("pair-frames").click()
+    Select(page.el("frames-per-step")).select_by_value("4")
+    page.el("new-session").click()
+    page.wait(lambda: "4 per prefill" in page.el("session-id").text, "the session's settings are shown")
+    sid = page.el("session-id").text.split()[1].rstrip(",")
+    info = api.get(f"/v1/sessions/{sid}").json()
+    assert info["pair_frames"] and info["frames_per_step"] == 4 and info["pending_frames"] == 0
+    assert "in pairs, 4 per prefill" in page.el("session-id").text
+    page.console()

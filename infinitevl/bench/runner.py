@@ -238,6 +238,7 @@ def full_plan() -> Plan:
                 dict(size=448, paired=True, frames=12),
                 dict(size=224, paired=False, frames=12),
                 dict(size=224, paired=True, frames=24),
+                dict(size=224, paired=True, frames=24, frames_per_step=8),  # 256 tokens per prefill
             ],
             warmup_steps=2,
             floor_repeats=2,
@@ -372,6 +373,7 @@ def quick_plan() -> Plan:
                 dict(size=112, paired=True, frames=4),
                 dict(size=56, paired=False, frames=2),
                 dict(size=56, paired=True, frames=4),
+                dict(size=56, paired=True, frames=8, frames_per_step=4),
             ],
             warmup_steps=1,
             floor_repeats=2,

@@ -5,9 +5,10 @@ judged from the same run.
 The model is the precision section's random-weight bf16 checkpoint, loaded as a user would
 (`from_pretrained(dtype=..., quantize=...)`: the decoder in bf16, int8 or int4; the tower in bf16 in every mode;
 the load is timed). The source is the bundled video (`infinitevl/assets/media/mllm_demo/mllm_demo_data/1.mp4`)
-sampled at `fps` and looped. For each mode and each entry of `streams` (frame size: 448 gives 256 tokens per step,
-224 gives 64; pairing: one frame per temporal step, or `pair_frames`: two, as a video file's frames), a fresh
-`StreamSession` takes `warmup_steps` untimed steps, then `frames` live frames, each appended step split into:
+sampled at `fps` and looped. For each mode and each entry of `streams` (frame size: 448 gives 256 tokens per
+temporal step, 224 gives 64; pairing: one frame per temporal step, or `pair_frames`: two, as a video file's frames;
+`frames_per_step`: the frames gathered into one prefill, by default one temporal step's), a fresh `StreamSession`
+takes `warmup_steps` untimed steps, then `frames` live frames, each appended step split into:
 
     decode      PyAV decoding up to the next sampled frame (per frame)
     preprocess  resize + patchify (`Processor.encode_frame`, or `live_frame` + `encode_frame_pair` when paired)
@@ -68,7 +69,17 @@ def cpu_kernels() -> dict[str, Any]:
     }
 
 
-def stream(model, processor, video: Path, size: int, paired: bool, frames: int, p: dict, products: bool = True):
+def stream(
+    model,
+    processor,
+    video: Path,
+    size: int,
+    paired: bool,
+    frames: int,
+    p: dict,
+    products: bool = True,
+    frames_per_step: int | None = None,
+):
     """One live stream of `frames` frames after `warmup_steps` steps: (per-step parts, frames/s and the state size
     over the stream; the products the last warm-up step called, {"tower": calls, "prefill": calls}, or None)."""
     from ..engine.session import StreamSession
@@ -76,7 +87,12 @@ def stream(model, processor, video: Path, size: int, paired: bool, frames: int, 
     warm = p["warmup_steps"]
     if products and warm < 1:
         raise ValueError(f"stream4b: warmup_steps is {warm}; the floors are recorded on a warm-up step (give >= 1)")
-    session = StreamSession(model, processor, frame_size=(size, size), pair_frames=paired)
+    session = StreamSession(
+        model, processor, frame_size=(size, size), pair_frames=paired, frames_per_step=frames_per_step
+    )
+    per_step = session.frames_per_step
+    if frames % per_step:
+        raise ValueError(f"stream4b: {frames} frames is not a whole number of steps of {per_step} frames")
     names = ("live_frame", "encode_frame_pair") if paired else ("encode_frame",)
     pre = [_Recorder(processor, n) for n in names]
     tower = _Recorder(model.model.visual, "forward")  # the prefill runs the tower module itself
@@ -85,7 +101,7 @@ def stream(model, processor, video: Path, size: int, paired: bool, frames: int, 
     calls, hooks, steps = None, [], 0
     decode_s = pre_s = pending = 0.0
     try:
-        total = warm * (2 if paired else 1) + frames
+        total = warm * per_step + frames
         for frame, t, dec in looped_frames(video, p["fps"], total):
             if products and calls is None and steps == warm - 1:
                 (tower_calls, h1), (prefill_calls, h2) = record(tower_modules), record(decoder_modules)
@@ -122,6 +138,7 @@ def stream(model, processor, video: Path, size: int, paired: bool, frames: int, 
     result = {
         "size": size,
         "paired": paired,
+        "frames_per_step": per_step,
         "frames": n_frames,
         "tokens_per_frame": (size // 28) ** 2 / (2 if paired else 1),
         "fps": n_frames / seconds if seconds else None,
@@ -229,8 +246,10 @@ def run(plan, progress, cache: Path) -> dict[str, Any]:
         with torch.inference_mode():
             for s in p["streams"]:
                 size, paired = s["size"], s["paired"]
-                progress(f"stream4b {mode}: {s['frames']} frames of {size}x{size}{', paired' if paired else ''}")
-                result, calls = stream(model, processor, video, size, paired, s["frames"], p)
+                steps = f", {s['frames_per_step']} per step" if s.get("frames_per_step") else ""
+                progress(f"stream4b {mode}: {s['frames']} frames of {size}x{size}{', paired' if paired else ''}{steps}")
+                per_step = s.get("frames_per_step")
+                result, calls = stream(model, processor, video, size, paired, s["frames"], p, frames_per_step=per_step)
                 for part in ("tower", "prefill"):
                     key = (mode, part, signature(calls[part]))
                     if key not in floors:

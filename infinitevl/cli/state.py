@@ -75,7 +75,9 @@ def describe(path) -> dict:
         "counters",
         "checksum",
         "pair_frames",
+        "frames_per_step",
         "held_frame",
+        "held_frames",
     )
     extra = {k: v for k, v in meta.items() if k not in known}
     return {
@@ -92,8 +94,9 @@ def describe(path) -> dict:
         "segment": _segment(meta.get("segment", "")),
         "counters": json.loads(meta["counters"]) if meta.get("counters") else None,
         "pair_frames": bool(meta.get("pair_frames")),  # live frames two per temporal step
-        # the first frame of a pair, held (not yet in the state) until its partner comes: its timestamp
-        "held_frame": json.loads(meta["held_frame"])["timestamp"] if meta.get("held_frame") else None,
+        "frames_per_step": int(meta.get("frames_per_step") or 1 + bool(meta.get("pair_frames"))),
+        # frames held (not yet in the state) until their step is full: their timestamps
+        "held_frames": _held_times(meta),
         "extra": {k: _value(v) for k, v in extra.items()},
     }
 
@@ -150,9 +153,21 @@ def run(args) -> int:
     if counters:
         shown = ", ".join(f"{v:.1f} s ingesting" if k == "ingest_seconds" else f"{v} {k}" for k, v in counters.items())
         print(f"  session: {shown}")
-    if info["pair_frames"]:
-        held = info["held_frame"]
-        print(f"  live frames in pairs; {'no frame held' if held is None else f'a frame at {held:g} s held'}")
+    if info["pair_frames"] or info["frames_per_step"] > 1:
+        held = ", ".join(f"{t:g} s" for t in info["held_frames"])
+        paired = "in pairs, " if info["pair_frames"] else ""
+        print(
+            f"  live frames {paired}{info['frames_per_step']} per prefill; "
+            f"{f'frames at {held} held' if held else 'no frame held'}"
+        )
     for k, v in info["extra"].items():
         print(f"  {k}: {v}")
     return 0
+
+
+def _held_times(meta: dict[str, str]) -> list[float]:
+    """The timestamps of the frames a saved stream holds (`held_frame`: one, in files written before
+    frames_per_step)."""
+    if meta.get("held_frames"):
+        return [d["timestamp"] for d in json.loads(meta["held_frames"])]
+    return [json.loads(meta["held_frame"])["timestamp"]] if meta.get("held_frame") else []

@@ -7,7 +7,8 @@ the stream after the frame in hand (a second Ctrl-C quits at once): questions no
 --save-state is still written. With --realtime, frames come at their timestamps as from a camera; when the model is
 slower than the source, each frame taken is the newest one due (so the frames kept are evenly spaced in stream time)
 and the others are skipped and counted; the bar and the summary say what rate is kept. --pair-frames encodes frames
-two per temporal step, as a video file's frames are (half the tokens and vision-tower work per frame)."""
+two per temporal step, as a video file's frames are (half the tokens and vision-tower work per frame);
+--frames-per-step N gathers N frames into one prefill (the decoder's weights read once per N frames)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,14 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--pair-frames", action="store_true", help="encode frames in pairs, as a video file's frames (half the cost)"
     )
+    p.add_argument(
+        "--frames-per-step",
+        type=int,
+        default=None,
+        metavar="N",
+        help="live frames gathered into one prefill (default: one temporal step; even with --pair-frames): the "
+        "tower runs once and the decoder's weights are read once per N frames, at N frames of latency",
+    )
     p.add_argument("--loops", type=int, default=1, help="play the source this many times (a longer stream)")
     p.add_argument("--load-state", default=None, help="continue a saved stream")
     p.add_argument(
@@ -95,6 +104,13 @@ def check_inputs(args) -> Path:
         raise CliError(f"--max-frames must be >= 1 (got {args.max_frames})")
     if args.loops < 1:
         raise CliError(f"--loops must be >= 1 (got {args.loops})")
+    if args.frames_per_step is not None:
+        from ..engine.session import frames_per_step_for
+
+        try:  # a resumed stream's pairing is checked again once its file is read
+            frames_per_step_for(args.frames_per_step, args.pair_frames)
+        except ValueError as err:
+            raise CliError(f"--frames-per-step: {err}") from None
     if args.load_state:
         check_file(args.load_state, "--load-state")
     if args.save_state:
@@ -181,7 +197,7 @@ def run(args) -> int:
 
     from tqdm import tqdm
 
-    from ..engine.session import StreamSession
+    from ..engine.session import StreamSession, frames_per_step_for
     from ..engine.speed import memory_text, plural
 
     engine = load_engine(args)
@@ -195,14 +211,21 @@ def run(args) -> int:
     else:
         session = engine.session(frame_size=size, pair_frames=args.pair_frames)
     session.pair_frames = args.pair_frames or session.pair_frames  # a resumed paired stream stays paired
+    if args.frames_per_step is not None:
+        try:
+            session.frames_per_step = frames_per_step_for(args.frames_per_step, session.pair_frames)
+        except ValueError as err:
+            raise CliError(f"--frames-per-step: {err} (the resumed stream is paired)") from None
+    step = session.frames_per_step
     print(
         f"streaming {source} at {args.fps:g} frames/s, {args.size}x{args.size} per frame"
-        f"{', in pairs' if session.pair_frames else ''}; "
+        f"{', in pairs' if session.pair_frames else ''}"
+        f"{f', {step} frames per prefill' if step > 1 + session.pair_frames else ''}; "
         f"state {mb(session.stats.state_bytes)}",
         file=sys.stderr,
     )
     # a resumed stream continues after its last frame: the new source's clock starts there
-    last = session.held.timestamp if session.held is not None else getattr(session.segment, "last_time", None)
+    last = session.held[-1].timestamp if session.held else getattr(session.segment, "last_time", None)
     offset = last + 1.0 / args.fps if last is not None else 0.0
     # the bar's own rate is left out: the postfix has the frames per second of the last frames
     layout = "{n_fmt} frames [{elapsed}{postfix}]" if args.max_frames is None else None
@@ -241,7 +264,7 @@ def run(args) -> int:
         if stopped:
             print(f"stopped by Ctrl-C after {plural(session.stats.frames, 'frame')}", file=sys.stderr, flush=True)
         else:
-            session.flush_frames()  # --pair-frames: an odd last frame goes in alone
+            session.flush_frames()  # held frames (an odd last one of a pair alone) go in
             for when, question in schedule + ([(None, args.final)] if args.final else []):
                 answer = session.ask(question, sampling)
                 label = "end" if when is None else f"{when:.2f}s"

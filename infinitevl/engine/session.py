@@ -10,10 +10,15 @@ itself is never disturbed.
 With `pair_frames`, live frames are encoded two per temporal step, as a video file's frames are (half the tokens and
 tower work per frame): the first frame of a pair is held (decoded, not yet in the state: `stats.pending_frames`)
 until the second arrives; the pair is placed at its first frame's timestamp by the rule above, so a run of paired
-live frames is the video file's block, token for token and position for position. A question between the two frames
-is answered from the frames already in the state. Other input (text, an image, a video, a chat turn) first commits a
-held frame alone, filling both slots (as a video file's odd last frame). Snapshots keep a held frame (`metadata`). Media is decoded completely before the state is touched: a frame or file that fails to
-decode raises `MediaError` and leaves the session exactly as it was. Text, questions and the system prompt are
+live frames is the video file's block, token for token and position for position. `frames_per_step` gathers more
+frames (several temporal steps, each placed by its own first frame's timestamp) into one prefill: the same tokens
+and positions, the tower run once over all of them and the decoder's weights read once per step instead of once
+per temporal step (the prefill of a few dozen tokens is bound by reading the weights), at the cost of latency: a
+frame waits until its step is full. Held frames are answered around: a question is answered from the frames
+already in the state. Other input (text, an image, a video, a chat turn) first commits the held frames (an odd last
+one of a pair alone, filling both slots, as a video file's odd last frame). Snapshots keep held frames
+(`metadata`). Media is decoded completely before the state is touched: a frame or file that fails to decode raises
+`MediaError` and leaves the session exactly as it was. Text, questions and the system prompt are
 tokenized as plain text: only the session's own turn markup becomes control tokens.
 """
 
@@ -53,7 +58,7 @@ class SessionStats:
     state_bytes: int = 0
     ingest_seconds: float = 0.0  # wall time spent appending
     recent_fps: float = 0.0  # frames per second over the last appended frames
-    pending_frames: int = 0  # pair_frames: a held first frame of a pair, not yet in the state
+    pending_frames: int = 0  # pair_frames / frames_per_step: frames held for their step, not yet in the state
     _frame_times: list[float] = field(default_factory=list, repr=False)
 
     @property
@@ -85,26 +90,54 @@ class _Segment:
     last_t: int
 
 
+MAX_FRAMES_PER_STEP = 32
+
+
+def frames_per_step_for(frames_per_step: int | None, pair_frames: bool) -> int:
+    """The live frames one prefill step takes: `frames_per_step`, or by default one temporal step's (2 paired, else
+    1). Paired, it is a whole number of pairs."""
+    per_patch = 2 if pair_frames else 1
+    if frames_per_step is None:
+        return per_patch
+    if isinstance(frames_per_step, bool) or not isinstance(frames_per_step, int):
+        raise ValueError(f"frames_per_step must be a whole number (got {frames_per_step!r})")
+    if not 1 <= frames_per_step <= MAX_FRAMES_PER_STEP or frames_per_step % per_patch:
+        kind = "an even number (frames go in pairs)" if pair_frames else "a whole number"
+        raise ValueError(
+            f"frames_per_step must be {kind} in [{per_patch}, {MAX_FRAMES_PER_STEP}] (got {frames_per_step})"
+        )
+    return frames_per_step
+
+
 @dataclass(frozen=True)
 class _Held:
-    """pair_frames: the first frame of a pair (decoded and resized) waiting for the second."""
+    """A live frame (decoded and resized) waiting for the rest of its step (pair_frames, frames_per_step)."""
 
     image: object  # PIL image at the session's frame size
     timestamp: float
 
-    def encode(self) -> str:
+    def as_dict(self) -> dict:
         buf = io.BytesIO()
         self.image.save(buf, format="PNG")  # lossless: the held frame comes back bit for bit
-        return json.dumps({"timestamp": self.timestamp, "png": base64.b64encode(buf.getvalue()).decode()})
+        return {"timestamp": self.timestamp, "png": base64.b64encode(buf.getvalue()).decode()}
 
     @classmethod
-    def decode(cls, text: str) -> _Held:
+    def from_dict(cls, d: dict) -> _Held:
         from PIL import Image
 
-        d = json.loads(text)
         image = Image.open(io.BytesIO(base64.b64decode(d["png"])))
         image.load()
         return cls(image, float(d["timestamp"]))
+
+
+def held_frames(meta: dict[str, str]) -> tuple[_Held, ...]:
+    """The held frames a saved session's metadata keeps (`held_frame`: one, as files written before
+    frames_per_step have it)."""
+    if meta.get("held_frames"):
+        return tuple(_Held.from_dict(d) for d in json.loads(meta["held_frames"]))
+    if meta.get("held_frame"):
+        return (_Held.from_dict(json.loads(meta["held_frame"])),)
+    return ()
 
 
 class StreamSession:
@@ -118,20 +151,35 @@ class StreamSession:
         state: InfiniteVLState | None = None,
         max_context: int | None = None,
         pair_frames: bool = False,
+        frames_per_step: int | None = None,
     ):
         self.model = model
         self.processor = processor
         self.chunk_size = chunk_size
         self.frame_size = frame_size
-        self.pair_frames = pair_frames
+        self.frames_per_step = frames_per_step_for(frames_per_step, pair_frames)
+        self._pair_frames = pair_frames
         self.stats = SessionStats()
         self.segment: _Segment | None = None
-        self.held: _Held | None = None  # pair_frames: the first frame of a pair, not yet in the state
+        self.held: tuple[_Held, ...] = ()  # frames waiting for the rest of their step (replaced, never mutated)
         # max_context: only models with full-attention layers need it (their cache is sized up front)
         self.state = state if state is not None else model.new_state(max_context=max_context)
         if state is None:  # turns are written as the checkpoint's chat template writes them (Processor.turns)
             self._feed_ids(processor.turns.opening(processor, system_prompt))
         self._refresh()
+
+    @property
+    def pair_frames(self) -> bool:
+        return self._pair_frames
+
+    @pair_frames.setter
+    def pair_frames(self, value: bool) -> None:
+        """Pairing turned on later (a resumed paired stream) makes a one-frame step a pair."""
+        value = bool(value)
+        if value and self.frames_per_step == 1:
+            self.frames_per_step = 2
+        self.frames_per_step = frames_per_step_for(self.frames_per_step, value)
+        self._pair_frames = value
 
     # -- appending ---------------------------------------------------------------------------------------------------
     def append_text(self, text: str) -> int:
@@ -147,7 +195,7 @@ class StreamSession:
         """`append_text` one prefill chunk per `next()`, for a caller that runs other work between chunks (the
         server decodes other streams); the generator returns the number of tokens appended."""
         before = int(self.state.num_tokens[0])
-        if self.held is not None:
+        if self.held:
             self.flush_frames()
             yield
         ids = self._close_segment_ids() + self.processor.tokenize_text(text)
@@ -182,62 +230,79 @@ class StreamSession:
         return n
 
     def append_frame(self, frame, timestamp: float) -> int:
-        """One live frame at `timestamp` seconds (non-decreasing within the stream). With `pair_frames`, every
-        other call holds its frame and returns 0; the next one appends both."""
+        """One live frame at `timestamp` seconds (non-decreasing within the stream). Frames are held until their
+        step is full (`frames_per_step`: two with `pair_frames`); the call that fills it appends them all and
+        returns the tokens appended, the others return 0."""
         if not math.isfinite(timestamp):
             raise MediaError(f"frame timestamp {timestamp} is not a finite number of seconds")
-        if not self.pair_frames:
+        if self.frames_per_step == 1 and not self.held:
             self._check_time(timestamp)
             vision = self.processor.encode_frame(frame, timestamp, self.frame_size)
-            return self._append_live(vision, timestamp, timestamp, 1)
+            return self._append_live(vision, [timestamp], timestamp, 1)
         image = self.processor.live_frame(frame, self.frame_size)  # decoded before anything changes
         self._check_time(timestamp)
-        held = self.held
-        if held is None:
-            self.held = _Held(image, float(timestamp))
-            self.stats.pending_frames = 1
+        if self.held and image.size != self.held[0].image.size:
+            raise MediaError(f"frame size {image.size} differs from the held frame's {self.held[0].image.size}")
+        held = (*self.held, _Held(image, float(timestamp)))
+        if len(held) < self.frames_per_step:
+            self.held = held
+            self.stats.pending_frames = len(held)
             return 0
-        if image.size != held.image.size:
-            raise MediaError(f"frame size {image.size} differs from the held frame's {held.image.size}")
-        vision = self.processor.encode_frame_pair([held.image, image], held.timestamp)
-        return self._append_live(vision, held.timestamp, float(timestamp), 2)
+        return self._append_held(held)
 
     def flush_frames(self) -> int:
-        """pair_frames: append a held frame alone (it fills both slots of its step); returns tokens appended."""
-        held = self.held
-        if held is None:
-            return 0
-        vision = self.processor.encode_frame_pair([held.image], held.timestamp)
-        return self._append_live(vision, held.timestamp, held.timestamp, 1)
+        """Append the held frames now (an odd last frame of a pair alone: it fills both slots of its step);
+        returns tokens appended."""
+        return self._append_held(self.held) if self.held else 0
+
+    def _append_held(self, held: tuple[_Held, ...]) -> int:
+        """Held frames as one prefill: a temporal step per pair (per frame unpaired), each placed by its first
+        frame's timestamp, the tower run once over all the steps."""
+        per = 2 if self.pair_frames else 1
+        groups = [held[i : i + per] for i in range(0, len(held), per)]
+        steps = [self.processor.encode_frame_pair([h.image for h in g], g[0].timestamp) for g in groups]
+        _, gh, gw = (int(x) for x in steps[0].grid_thw[0])
+        vision = VisionInput(
+            "video",
+            torch.cat([v.pixel_values for v in steps]),
+            torch.tensor([[len(steps), gh, gw]]),
+            second_per_grid=None,
+            timestamps=[g[0].timestamp for g in groups],
+            live=True,
+        )
+        return self._append_live(vision, [g[0].timestamp for g in groups], held[-1].timestamp, len(held))
 
     def _check_time(self, timestamp: float) -> None:
-        last = self.held.timestamp if self.held is not None else None
+        last = self.held[-1].timestamp if self.held else None
         if last is None and self.segment is not None:
             last = self.segment.last_time
         if last is not None and timestamp < last:
             raise MediaError(f"frame timestamp {timestamp:.3f} s is earlier than the previous one ({last:.3f} s)")
 
-    def _append_live(self, vision: VisionInput, timestamp: float, last_time: float, frames: int) -> int:
-        """One temporal step of `frames` live frames placed at `timestamp` (its first frame's), the last at
-        `last_time`, continuing the open segment (or opening one)."""
+    def _append_live(self, vision: VisionInput, times: list[float], last_time: float, frames: int) -> int:
+        """Temporal steps of `frames` live frames in one prefill, step i placed at `times[i]` (its first frame's
+        timestamp), the last frame at `last_time`, continuing the open segment (or opening one)."""
         seg = self.segment
         c = self.model.config
         opening = seg is None
         ids = ([c.vision_start_token_id] if opening else []) + [c.video_token_id] * vision.num_tokens
         start = int(self.state.next_position[0])
         block_start = start + 1 if opening else seg.start
-        first_time = timestamp if opening else seg.first_time
-        t_index = block_start + live_frame_offset(timestamp, first_time, c.vision.tokens_per_second)
-        if not opening:
-            t_index = max(t_index, seg.last_t)
+        first_time = times[0] if opening else seg.first_time
         _, gh, gw = (int(x) for x in vision.grid_thw[0])
         m = c.vision.spatial_merge_size
         lh, lw = gh // m, gw // m
         rows = torch.arange(lh).view(-1, 1).expand(lh, lw).reshape(-1) + block_start
         cols = torch.arange(lw).view(1, -1).expand(lh, lw).reshape(-1) + block_start
-        frame_pos = torch.stack([torch.full_like(rows, t_index), rows, cols])
-        if opening:
-            frame_pos = torch.cat([torch.full((3, 1), start), frame_pos], dim=1)
+        parts = [torch.full((3, 1), start)] if opening else []
+        last_t = None if opening else seg.last_t
+        for timestamp in times:
+            t_index = block_start + live_frame_offset(timestamp, first_time, c.vision.tokens_per_second)
+            if last_t is not None:
+                t_index = max(t_index, last_t)
+            parts.append(torch.stack([torch.full_like(rows, t_index), rows, cols]))
+            last_t = t_index
+        frame_pos = torch.cat(parts, dim=1)
         next_position = max(start, int(frame_pos.max()) + 1)
 
         def run():
@@ -246,14 +311,14 @@ class StreamSession:
             )
 
         n = self._timed(run)
-        self.segment = _Segment(block_start, first_time, last_time, t_index)
-        self.held, self.stats.pending_frames = None, 0
+        self.segment = _Segment(block_start, first_time, last_time, last_t)
+        self.held, self.stats.pending_frames = (), 0
         self.stats.frames += frames
         now = time.perf_counter()
         self.stats._frame_times = (self.stats._frame_times + [now] * frames)[-30:]
-        times = self.stats._frame_times
-        if len(times) > 1 and times[-1] > times[0]:
-            self.stats.recent_fps = (len(times) - 1) / (times[-1] - times[0])
+        times_ = self.stats._frame_times
+        if len(times_) > 1 and times_[-1] > times_[0]:
+            self.stats.recent_fps = (len(times_) - 1) / (times_[-1] - times_[0])
         return n
 
     def append_frames(self, frames: Iterable[tuple[object, float]]) -> int:
@@ -322,8 +387,8 @@ class StreamSession:
         return self.state.save(path, extra={**self.metadata(), **(extra or {})})
 
     def metadata(self) -> dict[str, str]:
-        """What a saved session keeps besides its state: the open frame segment, the counters, the pairing setting
-        and a held frame (a lossless PNG)."""
+        """What a saved session keeps besides its state: the open frame segment, the counters, the pairing and
+        frames-per-step settings and the held frames (lossless PNGs)."""
         seg = self.segment
         return (
             {
@@ -331,7 +396,8 @@ class StreamSession:
                 "counters": json.dumps({k: getattr(self.stats, k) for k in COUNTERS}),
             }
             | ({"pair_frames": "1"} if self.pair_frames else {})
-            | ({"held_frame": self.held.encode()} if self.held else {})
+            | ({"frames_per_step": str(self.frames_per_step)} if self.frames_per_step != (1 + self.pair_frames) else {})
+            | ({"held_frames": json.dumps([h.as_dict() for h in self.held])} if self.held else {})
         )
 
     def apply_metadata(self, meta: dict[str, str]) -> None:
@@ -345,8 +411,10 @@ class StreamSession:
                 setattr(self.stats, k, v)
         if meta.get("pair_frames"):  # a paired stream stays paired (an unpaired file keeps the session's setting)
             self.pair_frames = True
-        self.held = _Held.decode(meta["held_frame"]) if meta.get("held_frame") else None
-        self.stats.pending_frames = int(self.held is not None)
+        if meta.get("frames_per_step"):  # and its step keeps its frames
+            self.frames_per_step = frames_per_step_for(int(meta["frames_per_step"]), self.pair_frames)
+        self.held = held_frames(meta)
+        self.stats.pending_frames = len(self.held)
         self._refresh()
 
     @classmethod

@@ -82,7 +82,9 @@ def install_session_routes(app: FastAPI, ctx) -> None:
         if body.system_prompt:
             await run_in_threadpool(ctx.budget.check, [body.system_prompt], engine.processor, "system_prompt")
         session_id = await scheduler.run(
-            lambda: sessions.create(body.system_prompt, body.frame_size, body.pair_frames, body.realtime)
+            lambda: sessions.create(
+                body.system_prompt, body.frame_size, body.pair_frames, body.realtime, body.frames_per_step
+            )
         )
         return sessions.info(session_id)
 

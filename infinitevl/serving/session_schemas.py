@@ -29,6 +29,14 @@ class SessionCreate(Body):
         description="encode live frames two per temporal step, as a video file's frames (half the tokens and "
         "vision work per frame); the first frame of a pair waits (pending_frames) until the second comes",
     )
+    frames_per_step: int | None = Field(
+        None,
+        ge=1,
+        le=32,
+        description="live frames gathered into one prefill (default: one temporal step, 2 with pair_frames; even "
+        "with pair_frames): the tower runs once and the decoder's weights are read once per step, so small frames "
+        "cost less each, at the cost of latency (held frames wait in pending_frames)",
+    )
     realtime: bool = Field(
         False,
         description="keep up with a live source: a frame upload that arrives while an earlier one still waits for "
@@ -38,6 +46,8 @@ class SessionCreate(Body):
     @model_validator(mode="after")
     def _check_size(self):
         check_frame_size(self.frame_size)
+        if self.pair_frames and self.frames_per_step is not None and self.frames_per_step % 2:
+            raise ValueError(f"frames_per_step must be even with pair_frames (got {self.frames_per_step})")
         return self
 
 
@@ -107,10 +117,13 @@ class SessionInfo(BaseModel):
     system_prompt: str | None
     frame_size: int
     pair_frames: bool = False
+    frames_per_step: int = Field(1, description="live frames per prefill")
     realtime: bool = False
     tokens: int
     frames: int
-    pending_frames: int = Field(0, description="pair_frames: a first frame held for its pair, not yet in the state")
+    pending_frames: int = Field(
+        0, description="frames held for their step (pair_frames, frames_per_step), not yet in the state"
+    )
     frames_dropped: int = Field(0, description="realtime: frames replaced by newer ones before their turn")
     images: int = Field(description="frames given as images")
     videos: int = Field(description="video chunks appended")

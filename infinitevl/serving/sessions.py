@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from ..engine.session import COUNTERS as STREAM_COUNTERS
-from ..engine.session import StreamSession
+from ..engine.session import StreamSession, frames_per_step_for, held_frames
 from ..processing.media import MediaError, VideoFrames
 from ..state import InfiniteVLState
 from .config import ServerConfig
@@ -64,7 +64,7 @@ class Snapshot:
     counters: dict
     state: InfiniteVLState | None = None  # kept in memory when there is no state directory
     segment: object = None
-    held: object = None  # pair_frames: a held first frame (in memory; on disk it is in the state file)
+    held: tuple = ()  # frames held for their step (in memory; on disk they are in the state file)
 
 
 @dataclass
@@ -84,6 +84,7 @@ class ServedSession:
     last_used: float
     stream: StreamSession | None = None  # None: on disk until its next use
     pair_frames: bool = False  # live frames two per temporal step
+    frames_per_step: int = 1  # live frames per prefill (a whole number of temporal steps)
     realtime: bool = False  # a newer frame upload replaces one still waiting
     frames_dropped: int = 0  # realtime: frames replaced before their turn (since the server started)
     waiting: FrameTicket | None = None  # realtime: the frame upload waiting for its turn
@@ -147,6 +148,7 @@ class SessionRegistry:
             "system_prompt": s.system_prompt,
             "frame_size": s.frame_size,
             "pair_frames": s.pair_frames,
+            "frames_per_step": s.frames_per_step,
             "realtime": s.realtime,
             "frames_dropped": s.frames_dropped,
             **{k: counters.get(k, 0) for k in (*COUNTERS, "fps", "tokens_per_second", "pending_frames")},
@@ -155,7 +157,12 @@ class SessionRegistry:
 
     # -- changing (worker thread) ----------------------------------------------------------------------------------
     def create(
-        self, system_prompt: str | None, frame_size: int | None, pair_frames: bool = False, realtime: bool = False
+        self,
+        system_prompt: str | None,
+        frame_size: int | None,
+        pair_frames: bool = False,
+        realtime: bool = False,
+        frames_per_step: int | None = None,
     ) -> str:
         count = len(self.store.session_ids()) if self.shared else len(self._sessions)
         if count >= self.config.max_sessions:
@@ -169,7 +176,8 @@ class SessionRegistry:
         now = time.time()
         s = ServedSession("sess_" + secrets.token_hex(12), now, system_prompt or None, size, now)
         s.pair_frames, s.realtime = pair_frames, realtime
-        s.stream = self._new_stream(system_prompt or None, size, pair_frames)
+        s.frames_per_step = frames_per_step_for(frames_per_step, pair_frames)
+        s.stream = self._new_stream(system_prompt or None, size, pair_frames, s.frames_per_step)
         if self.store is not None:
             if self.shared:
                 s.lock = self.store.lock_session(s.id)
@@ -287,7 +295,7 @@ class SessionRegistry:
             stream = self._load(s)
             stream.state.copy_(snap.state)
             stream.segment, stream.held = copy.copy(snap.segment), snap.held
-            stream.stats.pending_frames = int(snap.held is not None)
+            stream.stats.pending_frames = len(snap.held)
         else:
             self._own(s)
             try:  # loaded first, swapped after
@@ -398,6 +406,10 @@ class SessionRegistry:
                 raise Damaged(f"{sid}.json has lost its checksum")
             s = ServedSession(sid, meta["created"], meta["system_prompt"], meta["frame_size"], meta["last_used"])
             s.pair_frames, s.realtime = bool(meta.get("pair_frames")), bool(meta.get("realtime"))
+            try:
+                s.frames_per_step = frames_per_step_for(meta.get("frames_per_step"), s.pair_frames)
+            except ValueError as err:
+                raise Damaged(f"{sid}.json: {err}") from None
             s.snapshots = [Snapshot(x["id"], x["created"], x["counters"]) for x in meta["snapshots"]]
         except (Damaged, KeyError, TypeError) as err:
             if not store.sidecar_path(sid).exists() and not store.journal_bytes(sid) and not _acked(store, sid):
@@ -515,7 +527,7 @@ class SessionRegistry:
                 self._sessions.pop(s.id, None)
             raise APIError(404, f"no session {s.id!r}", code="session_not_found")
         s.system_prompt, s.frame_size, s.snapshots = fresh.system_prompt, fresh.frame_size, fresh.snapshots
-        s.pair_frames, s.realtime = fresh.pair_frames, fresh.realtime
+        s.pair_frames, s.realtime, s.frames_per_step = fresh.pair_frames, fresh.realtime, fresh.frames_per_step
         s.counters, s.damage, s.stream, s.fold = fresh.counters, fresh.damage, None, False
 
     def _unload(self, s: ServedSession) -> None:
@@ -532,13 +544,23 @@ class SessionRegistry:
         def restore(path):
             size = (s.frame_size, s.frame_size)
             return StreamSession.restore(
-                path, e.model, e.processor, frame_size=size, chunk_size=e.chunk_size, pair_frames=s.pair_frames
+                path,
+                e.model,
+                e.processor,
+                frame_size=size,
+                chunk_size=e.chunk_size,
+                pair_frames=s.pair_frames,
+                frames_per_step=s.frames_per_step,
             )
 
         return restore
 
-    def _new_stream(self, system_prompt: str | None, size: int, pair_frames: bool = False) -> StreamSession:
-        return self.engine.session(system_prompt, frame_size=(size, size), pair_frames=pair_frames)
+    def _new_stream(
+        self, system_prompt: str | None, size: int, pair_frames: bool = False, frames_per_step: int | None = None
+    ) -> StreamSession:
+        return self.engine.session(
+            system_prompt, frame_size=(size, size), pair_frames=pair_frames, frames_per_step=frames_per_step
+        )
 
     @staticmethod
     def _apply_counters(stream: StreamSession, counters: dict) -> None:
@@ -554,7 +576,7 @@ class SessionRegistry:
 
     def _stored_counters(self, meta: dict) -> dict:
         counters = json.loads(meta.get("counters", "{}"))
-        held = int(bool(meta.get("held_frame")))  # pair_frames: a first frame waiting for its pair
+        held = len(held_frames(meta))  # frames waiting for the rest of their step
         return {
             **counters,
             "tokens": int(meta.get("tokens", 0)),
@@ -595,6 +617,7 @@ class SessionRegistry:
                 "system_prompt": s.system_prompt,
                 "frame_size": s.frame_size,
                 "pair_frames": s.pair_frames,
+                "frames_per_step": s.frames_per_step,
                 "realtime": s.realtime,
                 "snapshots": [{"id": x.id, "created": x.created, "counters": x.counters} for x in s.snapshots],
             },

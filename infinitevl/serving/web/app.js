@@ -85,7 +85,8 @@ async function openSession(id) {
   stateSeen.clear();
   show(info);
   const paired = info.pair_frames ? " in pairs" : "";
-  $("session-id").textContent = `Session ${info.id}, frames at ${info.frame_size} px${paired}, opened ${new Date(
+  const perStep = info.frames_per_step > (info.pair_frames ? 2 : 1) ? `, ${info.frames_per_step} per prefill` : "";
+  $("session-id").textContent = `Session ${info.id}, frames at ${info.frame_size} px${paired}${perStep}, opened ${new Date(
     info.created * 1000,
   ).toLocaleString()}`;
   return info;
@@ -94,6 +95,8 @@ async function openSession(id) {
 async function newSession() {
   const size = Number($("frame-size").value);
   const body = { frame_size: size, pair_frames: $("pair-frames").checked };
+  const perStep = $("frames-per-step").value;
+  if (perStep) body.frames_per_step = Number(perStep);
   const info = await exclusive(() => api.json("POST", "/v1/sessions", { json: body }));
   await openSession(info.id);
   say(`opened a new session ${info.id} (frames at ${size} px)`);
