@@ -232,7 +232,9 @@ def test_chunked_prefill_and_decode_equal_one_pass(kind):
         full = model(input_ids=ids).logits
     for cuts in ([3, 5, 6, 13, 17, 30, 31, 50], [4, 12, 16, 45, 56]):
         pieces, _ = logits_in_pieces(model, ids, cuts)
-        torch.testing.assert_close(pieces, full, rtol=1e-4, atol=1e-4)
+        # fp32 rounding against the logits' scale (max |logit| about 14 here): a 3-row piece's products and the 60-row
+        # pass's round differently, by CPU (1.6e-4 on an AVX2-only EPYC, under 1e-4 on AVX-512 machines)
+        torch.testing.assert_close(pieces, full, rtol=1e-4, atol=3e-5 * full.abs().max().item())
 
 
 @pytest.mark.parametrize("kind", [SINK, SPARSE])
