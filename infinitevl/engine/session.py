@@ -260,17 +260,18 @@ class StreamSession:
         frame's timestamp, the tower run once over all the steps."""
         per = 2 if self.pair_frames else 1
         groups = [held[i : i + per] for i in range(0, len(held), per)]
-        steps = [self.processor.encode_frame_pair([h.image for h in g], g[0].timestamp) for g in groups]
+        times = [g[0].timestamp for g in groups]
+        steps = [self.processor.encode_frame_pair([h.image for h in g], t) for g, t in zip(groups, times)]
         _, gh, gw = (int(x) for x in steps[0].grid_thw[0])
         vision = VisionInput(
             "video",
             torch.cat([v.pixel_values for v in steps]),
             torch.tensor([[len(steps), gh, gw]]),
             second_per_grid=None,
-            timestamps=[g[0].timestamp for g in groups],
+            timestamps=times,
             live=True,
         )
-        return self._append_live(vision, [g[0].timestamp for g in groups], held[-1].timestamp, len(held))
+        return self._append_live(vision, times, held[-1].timestamp, len(held))
 
     def _check_time(self, timestamp: float) -> None:
         last = self.held[-1].timestamp if self.held else None
