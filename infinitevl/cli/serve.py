@@ -228,6 +228,7 @@ def _run_ray(args, config) -> int:
         "chunk_size": args.chunk_size,
         "quantize": None if args.quantize == "none" else args.quantize,
         "group_size": args.group_size,
+        "int8_products": args.int8_products,
     }
     try:
         from ..serving.ray_deploy import serve_on_ray

@@ -38,11 +38,13 @@ class InfiniteVL:
         processor: Processor,
         chunk_size: int = DEFAULT_CHUNK,
         dtype_choice: str = "given",
+        int8_products: str = "off",
     ):
         self.model = model
         self.processor = processor
         self.chunk_size = chunk_size
         self.dtype_choice = dtype_choice
+        self.int8_products = int8_products  # what `load` decided and why (ops/int8_products.py `decide`)
 
     @classmethod
     def load(
@@ -53,24 +55,33 @@ class InfiniteVL:
         chunk_size: int = DEFAULT_CHUNK,
         quantize: str | None = None,
         group_size: int | None = None,
+        int8_products: str = "off",
     ) -> InfiniteVL:
         """A model folder (or hub id); None: the default model that ships with the package. `dtype="auto"` picks
         bf16 where the device computes it fast (see `ops/precision.py`); `quantize` ("int8" / "int4") quantizes
-        the decoder's weights while loading (see `InfiniteVLForConditionalGeneration.quantize`)."""
+        the decoder's weights while loading (see `InfiniteVLForConditionalGeneration.quantize`); `int8_products`
+        ("off", "on", "auto": where a probe finds them faster on this CPU) computes the tower and prefill with int8
+        x int8 products (see `ops/int8_products.py`; decode is unchanged)."""
         from ..checkpoint import resolve
         from ..defaults import default_model_folder
+        from ..ops.int8_products import check_mode, decide
         from ..ops.precision import resolve_dtype
 
         folder = default_model_folder() if path is None else resolve(path)
         dtype, choice = resolve_dtype(dtype, device)
+        check_mode(int8_products)  # before the model loads
         model = InfiniteVLForConditionalGeneration.from_pretrained(
             folder, dtype=dtype, device=device, quantize=quantize, group_size=group_size
         )
-        return cls(model, Processor.from_pretrained(folder, model.config), chunk_size, choice)
+        use, why = decide(int8_products, model.dtype, model.device)
+        if use:
+            model.use_int8_products()
+        return cls(model, Processor.from_pretrained(folder, model.config), chunk_size, choice, why)
 
     @property
     def precision(self) -> dict:
         """How the model computes: dtype (and how it was chosen), quantization and its kernels, weight bytes."""
+        from ..ops.int8_products import packed_bytes
         from ..ops.quant import kernel_name, quantized_bytes
 
         q = self.model.quantization
@@ -83,6 +94,8 @@ class InfiniteVL:
             "kernel": kernel_name(q.method) if q is not None else "torch matmul",
             "decode_kernels": self.decode_kernels,
             "weight_bytes": quantized_bytes(self.model),
+            "int8_products": self.int8_products,
+            "int8_products_bytes": packed_bytes(self.model),
         }
 
     @functools.cached_property
@@ -98,7 +111,10 @@ class InfiniteVL:
         text = f"{p['dtype']} ({p['dtype_choice']})"
         if self.model.quantization is not None:
             text += f"; {self.model.quantization.describe()}"
-        return text + f"; weights {p['weight_bytes'] / 2**20:.1f} MiB; decode: {p['decode_kernels']}"
+        text += f"; weights {p['weight_bytes'] / 2**20:.1f} MiB; decode: {p['decode_kernels']}"
+        if p["int8_products_bytes"]:
+            text += f"; int8 products for the tower and prefill ({p['int8_products_bytes'] / 2**20:.1f} MiB more)"
+        return text + f"; int8 products: {p['int8_products']}"
 
     @property
     def untrained(self) -> bool:

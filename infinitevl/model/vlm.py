@@ -175,6 +175,20 @@ class InfiniteVLForConditionalGeneration(nn.Module):
         )
         return self.quantization
 
+    def use_int8_products(self, min_rows: int | None = None) -> int:
+        """int8 x int8 products (ops/int8_products.py) for the vision tower's and the decoder layers' linear layers
+        when they are called with `min_rows` rows or more (default 32): the tower's patches, a prefill's tokens. A
+        decode step keeps the layers' own products; so do the LM head (one row per prefill) and the per-head gate
+        projections (a_proj, b_proj: a few outputs each). CPU only. Returns how many layers take the int8 path."""
+        from ..ops import int8_products as i8
+
+        served = (nn.Linear, QuantizedLinear)
+        layers = [m for m in self.model.visual.modules() if isinstance(m, served)]
+        layers += [
+            m for m in self.model.language_model.layers.modules() if isinstance(m, served) and m.out_features >= 64
+        ]
+        return i8.enable(layers, i8.DEFAULT_MIN_ROWS if min_rows is None else min_rows)
+
     def save_pretrained(
         self, path: str | Path, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None
     ) -> Path:
