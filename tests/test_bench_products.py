@@ -1,53 +1,12 @@
-"""bench/products.py: the int8 x int8 products the real-size streaming section probes, against fp32 references,
-and the recorded products of a step replayed."""
+"""bench/products.py: the recorded products of a step replayed and probed as fp32, bf16 and int8 x int8 products,
+and the tower's agreement (the int8 products themselves: tests/test_int8_products.py)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from infinitevl.bench.products import (
-    Int8DynamicLinear,
-    cosine_per_token,
-    int8_matmul,
-    probe,
-    quantize_rows,
-    quantize_weight,
-    record,
-    replay,
-    signature,
-)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
-def test_quantize_rows_round_trips_within_half_a_step():
-    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.01, 10, 7).unsqueeze(1)
-    before = x.clone()
-    q, scale = quantize_rows(x)
-    assert torch.equal(x, before)  # the activations are read, not overwritten
-    assert q.dtype == torch.int8 and scale.shape == (7, 1)
-    assert int(q.abs().max()) == 127  # each row's largest value uses the whole range
-    assert torch.all((q.float() * scale - x).abs() <= scale * 0.5001)  # half a step (and float rounding)
-
-
-def test_int8_matmul_matches_the_float_product():
-    gen = torch.Generator().manual_seed(1)
-    x, w = torch.randn(33, 96, generator=gen), torch.randn(40, 96, generator=gen)
-    y = int8_matmul(x.bfloat16(), *quantize_weight(w))
-    assert y.dtype == torch.bfloat16 and y.shape == (33, 40)
-    assert _rel(y, x @ w.t()) < 0.02  # int8 per row and per channel: about 1% on random data
-
-
-def test_int8_dynamic_linear_keeps_shape_and_bias():
-    torch.manual_seed(2)
-    linear = nn.Linear(48, 24)
-    x = torch.randn(2, 5, 48)
-    with torch.no_grad():
-        y, reference = Int8DynamicLinear(linear)(x), linear(x)
-    assert y.shape == (2, 5, 24) and _rel(y, reference) < 0.02
+from infinitevl.bench.products import bf16_instructions, cosine_per_token, probe, record, replay, signature
 
 
 def test_cosine_per_token():
@@ -76,5 +35,7 @@ def test_recorded_products_replay_and_probe_every_call():
     floor = replay(calls, repeats=2)
     assert floor["calls"] == 4 and floor["repeats"] == 2
     out = probe(calls, repeats=2)
+    assert set(out) == ({"fp32", "bf16", "int8"} if bf16_instructions() else {"fp32", "int8"})
+    out = probe(calls, repeats=2, bf16=True)
     assert set(out) == {"fp32", "bf16", "int8"}
     assert all(o["calls"] == 4 and o["repeats"] == 2 and o["median_s"] > 0 for o in out.values())

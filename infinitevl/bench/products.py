@@ -8,13 +8,13 @@ each recorded product as a plain matrix product in three ways:
 
     fp32   F.linear on fp32 activations and weights (MKL)
     bf16   F.linear on bf16 activations and weights (oneDNN)
-    int8   torch._int_mm: activations quantized per row at run time (symmetric, scale = max |x| / 127), weights
-           per output channel ahead of time; the quantization of the activations and the dequantization of the
-           int32 result are inside the timed call
+    int8   the int8 x int8 products of `--int8-products` (ops/int8_products.py: oneDNN's quantized linear,
+           activations quantized per row at run time, weights per output channel ahead of time); the quantization
+           of the activations and the scaling of the int32 result are inside the timed call
 
-and `tower_agreement` runs the tower in fp32, bf16 and with its linear layers swapped for the int8 x int8 products
-(`Int8DynamicLinear`, in a copy; the patch embedding stays bf16) on one frame, giving the cosine similarity per
-token against fp32. Nothing here is an inference path: the int8 products exist to measure whether one would pay.
+bf16 is timed only where the CPU has bf16 instructions (elsewhere oneDNN emulates it, several times slower than fp32,
+and a step's products would take minutes). `tower_agreement` runs the tower in fp32, in its own dtype and with the
+int8 products (in copies) on one frame, giving the cosine similarity per token against fp32.
 """
 
 from __future__ import annotations
@@ -72,41 +72,6 @@ def signature(calls: list[Call]) -> tuple:
     return tuple((id(m), tuple(shape), dtype) for m, shape, dtype in calls)
 
 
-# -- int8 x int8 products -----------------------------------------------------------------------------------------------
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] float -> (int8 [M, K], scale [M, 1] fp32): symmetric per row."""
-    scale = x.abs().amax(dim=1, keepdim=True).float().clamp_min_(1e-8).div_(127)
-    return (x.float() / scale).round_().clamp_(-127, 127).to(torch.int8), scale  # x itself is left as it was
-
-
-def int8_matmul(x: torch.Tensor, qweight_t: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """x [M, K] float, qweight_t [K, N] int8 (quantize_rows of the weight, transposed), weight_scale [1, N] ->
-    [M, N] in x's dtype: the activations quantized per row here, an int32 product, dequantized."""
-    q, scale = quantize_rows(x)
-    return torch._int_mm(q, qweight_t).float().mul_(scale).mul_(weight_scale).to(x.dtype)  # in place: [M, N] is big
-
-
-def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [N, K] -> (int8 [K, N] contiguous, scale [1, N]): per output channel."""
-    q, scale = quantize_rows(weight)
-    return q.t().contiguous(), scale.view(1, -1)
-
-
-class Int8DynamicLinear(nn.Module):
-    """A linear layer computed as `int8_matmul` (int8 activations quantized per row at run time x int8 weights)."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.qweight_t, self.weight_scale = quantize_weight(linear.weight.detach())
-        self.bias = None if linear.bias is None else linear.bias.detach()
-        self.out_features = linear.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = int8_matmul(x.reshape(-1, x.shape[-1]), self.qweight_t, self.weight_scale)
-        y = y.view(*x.shape[:-1], self.out_features)
-        return y + self.bias.to(y.dtype) if self.bias is not None else y
-
-
 def weight_of(m: nn.Module) -> torch.Tensor:
     """The [N, K] float weight a product module multiplies by (a convolution over whole patches is one)."""
     from ..ops.quant import QuantizedLinear, TiedQuantizedHead
@@ -119,32 +84,45 @@ def weight_of(m: nn.Module) -> torch.Tensor:
     return m.weight.detach().reshape(m.weight.shape[0], -1)
 
 
-def _forms(w: torch.Tensor) -> dict[str, tuple]:
-    """One weight [N, K] (fp32) as the three products: name -> (function of x, x's dtype, K)."""
-    w16, (qw, scale) = w.bfloat16(), quantize_weight(w)
-    return {
-        "fp32": (lambda x: F.linear(x, w), torch.float32, w.shape[1]),
-        "bf16": (lambda x: F.linear(x, w16), torch.bfloat16, w.shape[1]),
-        "int8": (lambda x: int8_matmul(x, qw, scale), torch.bfloat16, w.shape[1]),
-    }
+def _forms(w: torch.Tensor, bf16: bool) -> dict[str, tuple]:
+    """One weight [N, K] (fp32) as the products: name -> (function of x, x's dtype, K)."""
+    from ..ops.int8_products import PackedWeight, weight_levels
+
+    packed = PackedWeight(w, weight_levels())
+    forms = {"fp32": (lambda x: F.linear(x, w), torch.float32, w.shape[1])}
+    if bf16:
+        w16 = w.bfloat16()
+        forms["bf16"] = (lambda x: F.linear(x, w16), torch.bfloat16, w.shape[1])
+    forms["int8"] = (packed, torch.float32, w.shape[1])
+    return forms
 
 
-def probe(calls: list[Call], repeats: int) -> dict[str, Any]:
-    """Each recorded product as fp32, bf16 and int8 x int8 matrix products, each call timed `repeats` times after
-    a warm-up call; `times_s[i]` is the i-th repeats summed over the calls (one step's products)."""
-    per: dict[str, list[list[float]]] = {k: [] for k in ("fp32", "bf16", "int8")}
+def bf16_instructions() -> bool:
+    from ..ops.precision import BF16_FLAGS, cpu_flags
+
+    return any(f in cpu_flags() for f in BF16_FLAGS)
+
+
+def probe(calls: list[Call], repeats: int, bf16: bool | None = None) -> dict[str, Any]:
+    """Each recorded product as fp32, bf16 (by default where the CPU has bf16 instructions) and int8 x int8 matrix
+    products, each call timed `repeats` times after a warm-up call; `times_s[i]` is the i-th repeats summed over the
+    calls (one step's products)."""
+    bf16 = bf16_instructions() if bf16 is None else bf16
+    per: dict[str, list[list[float]]] = {k: [] for k in ("fp32", "bf16", "int8") if k != "bf16" or bf16}
     by_module: dict[int, list[torch.Size]] = {}
     modules = {}
     for m, shape, _ in calls:
         by_module.setdefault(id(m), []).append(shape)
         modules[id(m)] = m
     for key, shapes in by_module.items():
-        forms = _forms(weight_of(modules[key]).float())  # one module at a time: the fp32 decoder is 16 GB
+        forms = _forms(weight_of(modules[key]).float(), bf16)  # one module at a time: the fp32 decoder is 16 GB
         for shape in shapes:
             rows = shape[0] if isinstance(modules[key], nn.Conv3d) else int(torch.Size(shape[:-1]).numel())
             x = torch.randn(rows, forms["fp32"][2])
             for name, (fn, dtype, _) in forms.items():
                 a = x.to(dtype)
+                if name == "int8":
+                    a = a.view(rows, -1)
                 per[name].append(measure(lambda fn=fn, a=a: fn(a), repeats, warmup=1)["times_s"])
         del forms
     out = {name: summary([sum(t[i] for t in times) for i in range(repeats)]) for name, times in per.items()}
@@ -161,18 +139,16 @@ def cosine_per_token(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
 
 @torch.inference_mode()
 def tower_agreement(tower: nn.Module, pixels: torch.Tensor, grid: torch.Tensor) -> dict[str, Any]:
-    """The tower's features on one frame in fp32 (a copy), in its own dtype (bf16) and with int8 x int8 linear
-    layers (a copy): cosine similarity per token against fp32."""
+    """The tower's features on one frame in fp32 (a copy), in its own dtype and with the int8 products on every
+    linear layer (a copy of the tower in its own dtype; the patch embedding keeps it): cosine similarity per token
+    against fp32."""
     from ..model.vision import encode
+    from ..ops import int8_products
 
     reference = encode(copy.deepcopy(tower).float(), pixels, grid)
-    out = {"bf16": cosine_per_token(encode(tower, pixels, grid), reference)}
+    dtype = str(next(tower.parameters()).dtype).replace("torch.", "")
+    out = {"dtype": dtype, "own": cosine_per_token(encode(tower, pixels, grid), reference)}
     int8 = copy.deepcopy(tower)
-    swapped = 0
-    for parent in list(int8.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, Int8DynamicLinear(child))
-                swapped += 1
+    swapped = int8_products.enable([m for m in int8.modules() if isinstance(m, nn.Linear)], min_rows=1)
     out["int8"] = {**cosine_per_token(encode(int8, pixels, grid), reference), "linears": swapped}
     return out

@@ -9,7 +9,9 @@
     a large spread, which amplifies any rounding: a table, not a verdict.
 
 Modes: fp32 (the reference), bf16, int8 (per row), int4 (groups of `group_size`; the fixture, 64 wide, needs 32);
-int8 / int4 quantize the decoder while loading, with bf16 activations and an int8 embedding / LM head. Rerun this
+int8 / int4 quantize the decoder while loading, with bf16 activations and an int8 embedding / LM head;
+int8-products: fp32 weights, the tower and every product of 32 rows or more through int8 x int8 products
+(`--int8-products`), int8-products-all: every product of the tower and the decoder layers through them. Rerun this
 section alone after the bundled model changes: `infinitevl bench --only quality`.
 """
 
@@ -27,6 +29,9 @@ MODES = {  # name: (quantize, embeddings); every mode but fp32 runs in bf16
     "int4": ("int4", None),
     "int4-bf16-head": ("int4", "none"),  # what the int8 embedding / LM head costs in quality
 }
+# fp32 weights with the int8 x int8 products of `--int8-products` (ops/int8_products.py) from this many rows on: as a
+# user gets them (decode keeps fp32), and on every product (decode's too: a bound on what they can cost)
+INT8_PRODUCTS = {"int8-products": None, "int8-products-all": 1}
 
 
 def load(folder, mode: str, group_size: int):
@@ -36,6 +41,10 @@ def load(folder, mode: str, group_size: int):
 
     if mode == "fp32":
         return InfiniteVLForConditionalGeneration.from_pretrained(folder)
+    if mode in INT8_PRODUCTS:
+        model = InfiniteVLForConditionalGeneration.from_pretrained(folder)
+        model.use_int8_products(INT8_PRODUCTS[mode])
+        return model
     quantize, embeddings = MODES[mode]
     return InfiniteVLForConditionalGeneration.from_pretrained(
         folder,

@@ -970,16 +970,18 @@ def _path(run: dict) -> str:
 
 def stream4b_targets(record: dict) -> list[dict]:
     """The real-size streaming targets, judged within the run: for each frame size the best path's end-to-end
-    frames/s against today's path (the bf16 decoder, single frames), the best path's tower and prefill against their
+    frames/s against today's path (the first mode's single frames: bf16, or fp32 on a CPU without bf16 instructions),
+    the best path's tower and prefill against their
     floors, its prefill's overhead; the long stream's state and pace; the decode steps' overhead."""
     r, out = record["result"], []
     for size in sorted({run["size"] for run in r["runs"]}, reverse=True):
         runs = [run for run in r["runs"] if run["size"] == size and run["fps"]]
-        today = next((run for run in runs if run["mode"] == "bf16" and _per_step(run) == 1), None)
+        mode = r.get("today", "bf16")
+        today = next((run for run in runs if run["mode"] == mode and _per_step(run) == 1), None)
         best = max(runs, key=lambda run: run["fps"])
-        name = f"real-size streaming: {size}px end-to-end frames/s >= 3x today's path (bf16 decoder, single frames)"
+        name = f"real-size streaming: {size}px end-to-end frames/s >= 3x today's path ({mode}, single frames)"
         if today is None:
-            out.append(_target(name, None, "not measured (no bf16 single-frame stream in this run)"))
+            out.append(_target(name, None, f"not measured (no {mode} single-frame stream in this run)"))
         else:
             gain = best["fps"] / today["fps"]
             measured = f"{gain:.2f}x ({best['fps']:.3g} vs {today['fps']:.3g} frames/s)"
@@ -1039,45 +1041,48 @@ def _probe_md(r: dict) -> str:
     probe, agree = r.get("probe"), r.get("tower_agreement")
     text = ""
     if probe:
+        kinds = [k for k in ("fp32", "bf16", "int8") if k in probe["tower"]]
+        best_float = "bf16" if "bf16" in kinds else "fp32"
         rows, wins = [], []
         for part in ("tower", "prefill"):
-            t = {k: probe[part][k]["median_s"] for k in ("fp32", "bf16", "int8")}
+            t = {k: probe[part][k]["median_s"] for k in kinds}
             winner = min(t, key=t.get)
             wins.append(f"{part}: {winner}")
+            ratios = [f"{t['fp32'] / t['bf16']:.2f}x"] if "bf16" in t else []
             rows.append(
-                [
-                    part,
-                    str(probe[part]["bf16"]["calls"]),
-                    *(f"{t[k] * 1e3:.1f}" for k in ("fp32", "bf16", "int8")),
-                    f"{t['fp32'] / t['bf16']:.2f}x",
-                    f"{t['bf16'] / t['int8']:.2f}x",
-                    winner,
-                ]
+                [part, str(probe[part]["fp32"]["calls"]), *(f"{t[k] * 1e3:.1f}" for k in kinds), *ratios]
+                + [f"{t[best_float] / t['int8']:.2f}x", winner]
             )
-        header = ["one step's products", "calls", "fp32 ms", "bf16 ms", "int8 x int8 ms", "bf16 over fp32"]
-        header += ["int8 over bf16", "fastest"]
+        names = {"fp32": "fp32 ms", "bf16": "bf16 ms", "int8": "int8 x int8 ms"}
+        header = ["one step's products", "calls", *(names[k] for k in kinds)]
+        header += (["bf16 over fp32"] if "bf16" in kinds else []) + [f"int8 over {best_float}", "fastest"]
+        # runs before the int8 products existed timed torch._int_mm
+        kernel = probe.get("int8_kernel", "`torch._int_mm`")
+        absent = "" if "bf16" in kinds else " (bf16 not timed: this CPU has no bf16 instructions)"
         text += (
             f"\n\nThe matrix products of one {probe['size']}px single-frame step ({probe['mode']} run), each timed alone "
-            "as fp32, bf16 and int8 x int8 (`torch._int_mm`, activations quantized per row at run time, weights per "
-            "channel, quantize and dequantize included), summed per step:\n\n" + _table(header, rows)
+            f"as fp32, bf16 and int8 x int8{absent}; int8 x int8: {kernel}, activations quantized per row at run "
+            "time, weights per channel, quantize and dequantize included; summed per step:\n\n" + _table(header, rows)
         )
         gains = [
-            f"{part} ({probe[part]['bf16']['median_s'] / probe[part]['int8']['median_s']:.2f}x)"
+            f"{part} ({probe[part][best_float]['median_s'] / probe[part]['int8']['median_s']:.2f}x)"
             for part in ("tower", "prefill")
-            if probe[part]["bf16"]["median_s"] > 1.2 * probe[part]["int8"]["median_s"]
+            if probe[part][best_float]["median_s"] > 1.2 * probe[part]["int8"]["median_s"]
         ]
         text += "\n\nFastest on this CPU: " + "; ".join(wins) + ". "
         text += (
-            "**Measured opportunity**: int8 x int8 products beat bf16 by more than 1.2x on " + ", ".join(gains) + "."
+            f"int8 x int8 products beat {best_float} by more than 1.2x on " + ", ".join(gains) + "."
             if gains
-            else "int8 x int8 does not beat bf16 by more than 1.2x on either part's products here."
+            else f"int8 x int8 does not beat {best_float} by more than 1.2x on either part's products here."
         )
     if agree:
-        a, b = agree["bf16"], agree["int8"]
+        own = agree.get("own") or agree["bf16"]
+        dtype = agree.get("dtype", "bf16")
+        b = agree["int8"]
         text += (
             f"\n\nThe tower's features on one real {agree['size']}px frame, cosine similarity per token against "
-            f"fp32 ({a['tokens']} tokens): bf16 min {a['min']:.5f}, mean {a['mean']:.5f}; int8 x int8 linear layers "
-            f"({b['linears']} swapped, the patch embedding in bf16) min {b['min']:.5f}, mean {b['mean']:.5f}."
+            f"fp32 ({own['tokens']} tokens): {dtype} min {own['min']:.5f}, mean {own['mean']:.5f}; int8 x int8 "
+            f"linear layers ({b['linears']}, the patch embedding in {dtype}) min {b['min']:.5f}, mean {b['mean']:.5f}."
         )
     return text
 
@@ -1134,8 +1139,8 @@ def stream4b_md(record: dict) -> str:
         + "; ".join(f"{m}: {k}" for m, k in r["kernels"].items())
         + (f". Checkpoint load: {loads}" if loads else "")
         + ". Per frame (a step's time over its frames); the floor is the step's matrix products alone, in the same "
-        "run; the targets (judged in the table at the top) compare the best path at each size with today's path "
-        "(the bf16 decoder, single frames) and with its floors.\n\n"
+        f"run; the targets (judged in the table at the top) compare the best path at each size with today's path "
+        f"({r.get('today', 'bf16')}, single frames) and with its floors.\n\n"
     )
     text += _table(header, rows)
     long = r.get("long")

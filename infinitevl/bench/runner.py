@@ -212,7 +212,7 @@ def full_plan() -> Plan:
             ),
         ),
         quality=dict(
-            modes=["fp32", "bf16", "int8", "int4", "int4-bf16-head"],
+            modes=["fp32", "bf16", "int8", "int4", "int4-bf16-head", "int8-products", "int8-products-all"],
             group_size=128,
             demo_seeds=[2026, 2027, 2028, 2029],
             demo_frames=400,
@@ -228,23 +228,26 @@ def full_plan() -> Plan:
         # probe about 1.5 min); the run's extra time went into the int8 / int4 decoders' prefill (up to 10.8 s per
         # 448 frame, docs/benchmarks/stream4b.json). Plus about 80 s (peak 9.2 GiB) to write the 8.8 GB checkpoint
         # if the precision section has not (bench/precision.py)
+        # Without bf16 instructions (an AVX2-only CPU) the modes are fp32 (today's path there) and the int8 decoder
+        # with an fp32 tower, both through the int8 x int8 products
         stream4b=dict(
             config="4b",
-            modes=["bf16", "int8", "int4"],
+            modes=["bf16", "int8", "int4", "int8+int8p"],
+            modes_without_bf16=["fp32", "int8-fp32+int8p"],
             group_size=128,
             fps=2.0,
             streams=[
-                dict(size=448, paired=False, frames=6),
-                dict(size=448, paired=True, frames=12),
-                dict(size=224, paired=False, frames=12),
-                dict(size=224, paired=True, frames=24),
-                dict(size=224, paired=True, frames=24, frames_per_step=8),  # 256 tokens per prefill
+                dict(size=448, paired=False, frames=4),
+                dict(size=448, paired=True, frames=8),
+                dict(size=224, paired=False, frames=8),
+                dict(size=224, paired=True, frames=16),
+                dict(size=224, paired=True, frames=16, frames_per_step=8),  # 256 tokens per prefill
             ],
-            warmup_steps=2,
+            warmup_steps=1,
             floor_repeats=2,
             long=dict(mode="int4", size=224, paired=True, frames=200),
             probe=dict(size=448, repeats=2),
-            decode=dict(modes=["int8", "int4"], context=4 * K, repeats=10),
+            decode=dict(context=4 * K, repeats=10),  # the quantized decoders
         ),
         # the bundled model; frames of 224x224 (64 tokens each), 4 sessions at once, 1 then 2 replicas
         ray=dict(sessions=4, frames=8, frame_size=224, requests=200, max_batch=8),
@@ -344,7 +347,7 @@ def quick_plan() -> Plan:
             ),
         ),
         quality=dict(
-            modes=["fp32", "bf16", "int8", "int4"],
+            modes=["fp32", "bf16", "int8", "int4", "int8-products"],
             group_size=128,
             demo_seeds=[2026],
             demo_frames=16,
@@ -365,7 +368,8 @@ def quick_plan() -> Plan:
         ),
         stream4b=dict(
             config="tiny",
-            modes=["bf16", "int4"],
+            modes=["bf16", "int4+int8p"],
+            modes_without_bf16=["fp32", "int4-fp32+int8p"],
             group_size=32,
             fps=2.0,
             streams=[
@@ -379,7 +383,7 @@ def quick_plan() -> Plan:
             floor_repeats=2,
             long=dict(mode="int4", size=56, paired=True, frames=16),
             probe=dict(size=112, repeats=2),
-            decode=dict(modes=["int4"], context=64, repeats=3),
+            decode=dict(context=64, repeats=3),
         ),
         # no ray section: it starts a Ray cluster (test_serving_ray.py runs its measurements against one)
         notes=["quick run: tiny sizes that only check that the benchmark code works; its numbers mean nothing"],
@@ -393,7 +397,10 @@ def _dtype(plan: Plan, section: str) -> str:
     if section in ("precision", "quality"):
         return "float32, bfloat16, int8, int4"
     if section == "stream4b":
-        return ", ".join(["bfloat16" if m == "bf16" else m for m in plan.stream4b["modes"]])
+        from .stream4b import plan_modes
+
+        names = {"bf16": "bfloat16", "fp32": "float32"}
+        return ", ".join(names.get(m, m) for m in plan_modes(plan.stream4b))
     return "float32"
 
 

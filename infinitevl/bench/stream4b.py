@@ -3,8 +3,10 @@ against the floor of each part, for each decoder precision, frame size and pairi
 judged from the same run.
 
 The model is the precision section's random-weight bf16 checkpoint, loaded as a user would
-(`from_pretrained(dtype=..., quantize=...)`: the decoder in bf16, int8 or int4; the tower in bf16 in every mode;
-the load is timed). The source is the bundled video (`infinitevl/assets/media/mllm_demo/mllm_demo_data/1.mp4`)
+(`from_pretrained(dtype=..., quantize=...)`, the load timed) in each of the plan's modes for this CPU (`plan_modes`):
+where it has bf16 instructions, the decoder in bf16, int8 or int4 and the tower in bf16; elsewhere fp32 and a
+weight-only decoder beside an fp32 tower. A mode ending in "+int8p" also computes the tower and the prefill with int8
+x int8 products (`--int8-products`). The first mode's single frames are today's path, which the targets compare with. The source is the bundled video (`infinitevl/assets/media/mllm_demo/mllm_demo_data/1.mp4`)
 sampled at `fps` and looped. For each mode and each entry of `streams` (frame size: 448 gives 256 tokens per
 temporal step, 224 gives 64; pairing: one frame per temporal step, or `pair_frames`: two, as a video file's frames;
 `frames_per_step`: the frames gathered into one prefill, by default one temporal step's), a fresh `StreamSession`
@@ -26,7 +28,8 @@ Then, in the same run:
   - one long stream (`long`: a mode, size and pairing, hundreds of frames): the state's bytes after every step
     (constant by design) and the time per frame over its first and last quarter;
   - the product probe (bench/products.py): the products of one tower step and one prefill step of the first mode's
-    `probe.size` single-frame stream, as fp32, bf16 and int8 x int8 (dynamic per-row activation scales, per-channel
+    `probe.size` single-frame stream, as fp32, bf16 (where the CPU has bf16 instructions) and the int8 x int8
+    products of `--int8-products` (dynamic per-row activation scales, per-channel
     weight scales, quantize / dequantize included), summed per step; and the tower's features on one real frame of
     that size in fp32, bf16 and int8 x int8 linear layers: cosine similarity per token against fp32;
   - decode (`decode.modes`): one decode step after a filled context against its own products (the step's linear
@@ -49,10 +52,24 @@ import torch
 from . import configs as C
 from .machine import cpu_flags, cpu_model
 from .precision import KERNELS, MODES, checkpoint
-from .products import probe, product_modules, record, replay, signature, tower_agreement
+from .products import bf16_instructions, probe, product_modules, record, replay, signature, tower_agreement
 from .streaming import DEFAULT_VIDEO, _Recorder, looped_frames
 from .timing import free_memory, measure_interleaved
 
+# the precision section's modes, plus weight-only decoders whose other weights (and the tower) stay in fp32, for CPUs
+# without bf16 instructions; a mode name ending in "+int8p" also computes the tower and prefill with int8 x int8
+# products (`use_int8_products`)
+STREAM_MODES = {
+    **MODES,
+    "int8-fp32": dict(dtype="float32", quantize="int8"),
+    "int4-fp32": dict(dtype="float32", quantize="int4"),
+}
+STREAM_KERNELS = {
+    **KERNELS,
+    "int8-fp32": KERNELS["int8"].replace("bf16 activations", "bf16 activations (fp32 elsewhere)"),
+    "int4-fp32": KERNELS["int4"].replace("bf16 activations", "bf16 activations (fp32 elsewhere)"),
+}
+INT8P = "+int8p"
 KERNEL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
 PARTS = ("decode_s", "preprocess_s", "tower_s", "prefill_s")
 
@@ -203,22 +220,55 @@ def decode_overhead(model, context: int, repeats: int) -> dict[str, Any]:
     }
 
 
+def plan_modes(p: dict) -> list[str]:
+    """The plan's modes on this CPU: `modes` where it has bf16 instructions, else `modes_without_bf16` (bf16 is
+    emulated there, several times slower than fp32); the first is today's path."""
+    modes = p["modes"] if bf16_instructions() else p.get("modes_without_bf16", p["modes"])
+    unknown = [m for m in modes if m.removesuffix(INT8P) not in STREAM_MODES]
+    if unknown:
+        raise ValueError(
+            f"stream4b: unknown modes {unknown}; known: {', '.join(STREAM_MODES)} (each may end in {INT8P})"
+        )
+    return list(modes)
+
+
+def kernels(mode: str) -> str:
+    text = STREAM_KERNELS[mode.removesuffix(INT8P)]
+    if mode.endswith(INT8P):
+        from ..ops.int8_products import weight_levels
+
+        bits = 8 if weight_levels() == 127 else 7
+        text += (
+            "; tower and prefill (32 rows and more): int8 x int8 (oneDNN quantized linear, activations per row at "
+            f"run time, {bits}-bit weights per channel)"
+        )
+    return text
+
+
 def _load(folder: Path, mode: str, p: dict):
     from ..model import InfiniteVLForConditionalGeneration
 
-    m = MODES[mode]
-    return InfiniteVLForConditionalGeneration.from_pretrained(
+    m = STREAM_MODES[mode.removesuffix(INT8P)]
+    model = InfiniteVLForConditionalGeneration.from_pretrained(
         folder,
         dtype=getattr(torch, m["dtype"]),
         quantize=m["quantize"],
         group_size=p["group_size"] if m["quantize"] == "int4" else None,
     ).eval()
+    if mode.endswith(INT8P):
+        model.use_int8_products()
+    return model
 
 
 def run(plan, progress, cache: Path) -> dict[str, Any]:
     from ..processing.processor import Processor
 
     p = plan.stream4b
+    modes = plan_modes(p)
+    long_mode = p["long"]["mode"] if p["long"]["mode"] in modes else modes[-1]
+    # decode: the quantized decoders (a "+int8p" mode decodes as its base mode does: measured once)
+    bases = [m.removesuffix(INT8P) for m in modes]
+    decode_modes = [m for m, b in zip(modes, bases) if STREAM_MODES[b]["quantize"] and (m == b or b not in modes)]
     name = p["config"]
     folder = checkpoint(name, cache, progress)
     config = C.infinitevl_config(name)
@@ -229,7 +279,8 @@ def run(plan, progress, cache: Path) -> dict[str, Any]:
         "config": C.describe_config(name, config, vision=True),
         "video": str(video),
         "cpu": cpu_kernels(),
-        "kernels": {m: KERNELS[m] for m in p["modes"]},
+        "today": modes[0],
+        "kernels": {m: kernels(m) for m in modes},
         "load_s": {},
         "runs": [],
         "probe": None,
@@ -238,7 +289,7 @@ def run(plan, progress, cache: Path) -> dict[str, Any]:
         "decode": {},
     }
     floors: dict[tuple, dict] = {}
-    for i, mode in enumerate(p["modes"]):
+    for i, mode in enumerate(modes):
         progress(f"stream4b {name} {mode}: loading")
         start = time.perf_counter()
         model = _load(folder, mode, p)
@@ -261,21 +312,22 @@ def run(plan, progress, cache: Path) -> dict[str, Any]:
                     out["probe"] = {
                         "mode": mode,
                         "size": size,
+                        "int8_kernel": "the int8 products of `--int8-products` (oneDNN quantized linear)",
                         **{part: probe(calls[part], p["probe"]["repeats"]) for part in ("tower", "prefill")},
                     }
             if i == 0:
                 frame, _, _ = next(looped_frames(video, p["fps"], 1))
                 side = p["probe"]["size"]
                 vision = processor.encode_frame(frame, 0.0, (side, side))
-                progress(f"stream4b: the tower's features on one {side} frame in fp32, bf16, int8 x int8")
+                progress(f"stream4b: the tower's features on one {side} frame in fp32, {model.dtype}, int8 x int8")
                 out["tower_agreement"] = {
                     "size": side,
                     **tower_agreement(model.model.visual, vision.pixel_values, vision.grid_thw),
                 }
-            if mode == p["long"]["mode"]:
+            if mode == long_mode:
                 progress(f"stream4b {mode}: the long stream, {p['long']['frames']} frames")
-                out["long"] = long_stream(model, processor, video, p)
-            if mode in p["decode"]["modes"]:
+                out["long"] = {**long_stream(model, processor, video, p), "mode": mode}
+            if mode in decode_modes:
                 progress(f"stream4b {mode}: a decode step against its products")
                 out["decode"][mode] = decode_overhead(model, p["decode"]["context"], p["decode"]["repeats"])
         del model
