@@ -222,14 +222,13 @@ def full_plan() -> Plan:
             fixture=str(FIXTURE),
             fixture_group_size=32,
         ),
-        # the 4b configuration with the full tower, run alone (`--only stream4b`): 23 minutes (1,373 s) measured on a
-        # quiet 2-core Xeon. The estimate was about 13 (per frame, bf16: tower 1.9 s + prefill 3.8 s at 448, 0.4 +
-        # 1.3 s at 224, about half of that paired; 3 loads about 1 min; the long stream about 3 min; the product
-        # probe about 1.5 min); the run's extra time went into the int8 / int4 decoders' prefill (up to 10.8 s per
-        # 448 frame, docs/benchmarks/stream4b.json). Plus about 80 s (peak 9.2 GiB) to write the 8.8 GB checkpoint
-        # if the precision section has not (bench/precision.py)
-        # Without bf16 instructions (an AVX2-only CPU) the modes are fp32 (today's path there) and the int8 decoder
-        # with an fp32 tower, both through the int8 x int8 products
+        # the 4b configuration with the full tower, run alone (`--only stream4b`). With bf16 instructions: 23 minutes
+        # (1,373 s) on a quiet 2-core Xeon for bf16 / int8 / int4 with more frames per stream than now (6 / 12 at 448,
+        # 12 / 24 at 224; the int8 / int4 decoders' prefill took up to 10.8 s per 448 frame there), plus the int8+int8p
+        # mode now (its load about 1.5 min, its streams about half of bf16's). Without bf16 instructions (an AVX2-only
+        # CPU) the modes are fp32 (today's path there) and the int8 decoder with an fp32 tower, both through the int8
+        # x int8 products: 24 minutes (1,461 s) on a 2-core AMD EPYC, peak about 18 GiB (the fp32 model). Plus about
+        # 80 s (peak 9.2 GiB) to write the 8.8 GB checkpoint if the precision section has not (bench/precision.py)
         stream4b=dict(
             config="4b",
             modes=["bf16", "int8", "int4", "int8+int8p"],

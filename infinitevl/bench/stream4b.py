@@ -238,8 +238,9 @@ def kernels(mode: str) -> str:
         from ..ops.int8_products import weight_levels
 
         bits = 8 if weight_levels() == 127 else 7
+        text = text.split(" (>= 256 rows")[0]  # the int8 products take those rows
         text += (
-            "; tower and prefill (32 rows and more): int8 x int8 (oneDNN quantized linear, activations per row at "
+            f"; tower and prefill (32 rows and more): int8 x int8 (oneDNN quantized linear, activations per row at "
             f"run time, {bits}-bit weights per channel)"
         )
     return text
@@ -330,6 +331,6 @@ def run(plan, progress, cache: Path) -> dict[str, Any]:
             if mode in decode_modes:
                 progress(f"stream4b {mode}: a decode step against its products")
                 out["decode"][mode] = decode_overhead(model, p["decode"]["context"], p["decode"]["repeats"])
-        del model
+        del model, calls  # the recorded calls hold the model's layers: the next mode's load needs their memory
         free_memory()
     return out

@@ -334,7 +334,7 @@ class Health(BaseModel):
     completed: int
     cancelled: int
     rejected: int  # requests refused because the queue was full
-    precision: dict  # dtype (and how it was chosen), quantization, kernel, weight bytes
+    precision: dict  # dtype (and how it was chosen), quantization, kernel, weight bytes, int8 products
 
 
 class Version(BaseModel):
