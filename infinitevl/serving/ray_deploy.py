@@ -40,7 +40,7 @@ from .config import ServerConfig
 
 log = logging.getLogger("infinitevl.serving")
 SESSION_PATH = re.compile(r"^/v1/sessions/(sess_[0-9a-f]{24})(?:/|$)")
-ENGINE_KEYS = ("model", "dtype", "device", "chunk_size", "quantize", "group_size")
+ENGINE_KEYS = ("model", "dtype", "device", "chunk_size", "quantize", "group_size", "int8_products")
 
 
 def session_in_request(args: list) -> str | None:
@@ -180,8 +180,8 @@ class InfiniteVLReplica:
 def build(args: dict) -> serve.Application:
     """The application for `serve run` / `serve.run`. `args`: `state_dir` (required: shared by all replicas),
     `replicas` (or `min_replicas` / `max_replicas` / `target_ongoing_requests` for autoscaling), `cpus_per_replica`,
-    `max_ongoing_requests`, the engine's `model` / `dtype` / `device` / `chunk_size` / `quantize` / `group_size`,
-    and any `ServerConfig` field (e.g. `max_batch`, `durability`, `media_root`)."""
+    `max_ongoing_requests`, the engine's `model` / `dtype` / `device` / `chunk_size` / `quantize` / `group_size` /
+    `int8_products`, and any `ServerConfig` field (e.g. `max_batch`, `durability`, `media_root`)."""
     args = dict(args)
     if not args.get("state_dir"):
         raise ValueError("state_dir is required: the replicas share sessions through it (a shared filesystem "
