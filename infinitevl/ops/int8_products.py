@@ -181,7 +181,8 @@ def enable(layers: list[nn.Module], min_rows: int = DEFAULT_MIN_ROWS) -> int:
     for layer in layers:
         if not isinstance(layer, SERVED):
             raise Int8ProductsError(f"int8 products: {type(layer).__name__} is not a linear layer they can serve")
-        if float_weight(layer).device.type != "cpu":
+        held = layer.qweight if isinstance(layer, QuantizedLinear) else layer.weight
+        if held.device.type != "cpu":  # checked on the held tensor: dequantizing here would do the work twice
             raise Int8ProductsError("int8 products: the layers must be on the CPU")
     for layer in layers:
         layer.int8_packed = PackedWeight(float_weight(layer), levels)
